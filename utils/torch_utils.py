@@ -1,0 +1,139 @@
+"""PyTorch helpers: devices, seeding, EMA, BatchNorm fusion and model summaries."""
+from __future__ import annotations
+
+import math
+import os
+import random
+from copy import deepcopy
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from utils.general import LOGGER
+
+
+def select_device(device: str = "", batch_size: int = 0) -> torch.device:
+    """Turn a YOLOv5 device string ('', 'cpu', '0', '0,1') into a torch.device.
+
+    Raises a ValueError that says the fix when CUDA is requested on a machine without it.
+    """
+    spec = str(device).strip().lower().replace("cuda:", "")
+    if spec == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+        return torch.device("cpu")
+    if spec:
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} requested but CUDA is not available on this machine; "
+                             f"use --device cpu (or leave --device empty)")
+        ids = [int(x) for x in spec.split(",") if x != ""]
+        if any(i >= torch.cuda.device_count() for i in ids):
+            raise ValueError(f"--device {device} asks for GPU ids {ids} but only "
+                             f"{torch.cuda.device_count()} GPU(s) exist; pick ids below that")
+        if batch_size and len(ids) > 1 and batch_size % len(ids):
+            raise ValueError(f"--batch-size {batch_size} is not a multiple of the GPU count {len(ids)}")
+        return torch.device(f"cuda:{ids[0]}")
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def is_parallel(model: nn.Module) -> bool:
+    return isinstance(model, (nn.parallel.DataParallel, nn.parallel.DistributedDataParallel))
+
+
+def de_parallel(model: nn.Module) -> nn.Module:
+    """The bare model inside a DP/DDP wrapper (or the model itself)."""
+    return model.module if is_parallel(model) else model
+
+
+def fuse_conv_and_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A new Conv2d (with bias) computing bn(conv(x)) in eval mode."""
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride,
+                      padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True)
+    fused = fused.requires_grad_(False).to(conv.weight.device)
+    scale = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)  # (c_out,)
+    w = conv.weight.float() * scale.view(-1, 1, 1, 1)
+    b_conv = conv.bias.float() if conv.bias is not None else torch.zeros_like(bn.running_mean, dtype=torch.float)
+    b = (b_conv - bn.running_mean.float()) * scale + bn.bias.float()
+    fused.weight.copy_(w.to(fused.weight.dtype))
+    fused.bias.copy_(b.to(fused.bias.dtype))
+    return fused.to(conv.weight.dtype)
+
+
+def _batch_norm_flops(input_shape, *args, out_shape=None, **kwargs) -> int:
+    """Four FLOPs per element: YOLOv5's published GFLOPs count BatchNorm as two multiply-adds per element."""
+    return 4 * math.prod(input_shape)
+
+
+def count_flops(model: nn.Module, imgsz: int = 640, ch: int = 3) -> float:
+    """GFLOPs of one forward at imgsz x imgsz via torch.utils.flop_counter.
+
+    Convolutions and matmuls count 2 FLOPs per multiply-add (flop_counter's own formulas); BatchNorm counts 4 per
+    element, so the figures agree with YOLOv5's model summaries.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(model.parameters())
+    x = torch.zeros(1, ch, imgsz, imgsz, device=p.device, dtype=p.dtype)
+    model = deepcopy(model).eval()
+    batch_norms = (torch.ops.aten.native_batch_norm, torch.ops.aten._native_batch_norm_legit_no_training)
+    mapping = {op: _batch_norm_flops for op in batch_norms}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        model(x)
+    return counter.get_total_flops() / 1e9
+
+
+def model_info(model: nn.Module, imgsz: int = 640, name: str | None = None, verbose: bool = False) -> str:
+    """One summary line: '<name> summary: L layers, P parameters, G gradients, F GFLOPs'."""
+    n_p = sum(p.numel() for p in model.parameters())
+    n_g = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    layers = len(list(model.modules()))
+    try:
+        flops = f", {count_flops(model, imgsz):.1f} GFLOPs"
+    except Exception as e:  # flop counting is informative only
+        LOGGER.debug(f"FLOP count failed: {e}")
+        flops = ""
+    line = f"{name or type(model).__name__} summary: {layers} layers, {n_p} parameters, {n_g} gradients{flops}"
+    if verbose:
+        LOGGER.info(line)
+    return line
+
+
+class ModelEMA:
+    """Exponential moving average of a model's weights (and float buffers).
+
+    The decay ramps up as ``decay * (1 - exp(-updates / tau))`` so the average follows the model closely at the
+    start of training, like YOLOv5's EMA.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000, updates: int = 0):
+        self.ema = deepcopy(de_parallel(model)).eval()
+        self.updates = updates
+        self.decay_at = lambda n: decay * (1 - math.exp(-n / tau))
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = self.decay_at(self.updates)
+        source = de_parallel(model).state_dict()
+        for name, value in self.ema.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.mul_(d).add_(source[name].detach(), alpha=1 - d)
+
+    def update_attr(self, model: nn.Module, include=("yaml", "nc", "hyp", "gr", "names", "stride")) -> None:
+        """Copy plain attributes (names, hyp, ...) from the training model onto the EMA."""
+        for k in include:
+            if hasattr(model, k):
+                setattr(self.ema, k, getattr(model, k))
