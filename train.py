@@ -1,0 +1,160 @@
+"""Train a YOLOv5 detector on a dataset YAML.
+
+Usage:
+    python train.py --data data/shapes.yaml --cfg models/yolov5n.yaml --weights '' --epochs 10 --imgsz 160
+    python train.py --data data/VOC.yaml --weights weights/yolov5m.pt --batch-size 32 --device 0
+    torchrun --nproc_per_node 4 train.py --data data/VOC.yaml --cfg models/yolov5l.yaml --batch-size 64
+    python train.py --resume                      # newest runs/**/last.pt
+    python train.py --resume runs/train/exp3/weights/last.pt
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch.distributed as dist  # noqa: E402
+
+from utils.engine import DetectionTask, Trainer, distributed_env  # noqa: E402
+from utils.general import LOGGER, get_latest_run, increment_path, print_args, set_logging, yaml_load, yaml_save  # noqa: E402
+from utils.loggers import RunLogger  # noqa: E402
+from utils.torch_utils import select_device  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """train.py's flags (YOLOv5 v6.0 names); train_kd.py extends this parser."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", type=str, default="", help="initial weights path ('' trains from scratch)")
+    p.add_argument("--cfg", type=str, default="models/yolov5s.yaml", help="model.yaml path")
+    p.add_argument("--data", type=str, default="data/shapes.yaml", help="dataset.yaml path")
+    p.add_argument("--hyp", type=str, default="data/hyps/hyp.scratch.yaml", help="hyperparameters path")
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16, help="total batch size for all GPUs")
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="train, val image size (pixels)")
+    p.add_argument("--rect", action="store_true", help="rectangular training")
+    p.add_argument("--resume", nargs="?", const=True, default=False, help="resume the newest or a given last.pt")
+    p.add_argument("--nosave", action="store_true", help="only save the final checkpoint")
+    p.add_argument("--noval", action="store_true", help="only validate the final epoch")
+    p.add_argument("--noautoanchor", action="store_true", help="disable AutoAnchor")
+    p.add_argument("--cache", type=str, nargs="?", const="ram", help="--cache images in 'ram' (default) or 'disk'")
+    p.add_argument("--image-weights", action="store_true", help="accepted for compatibility; not used")
+    p.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    p.add_argument("--multi-scale", action="store_true", help="vary img-size +/- 50%%")
+    p.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
+    p.add_argument("--optimizer", type=str, choices=["SGD", "Adam", "AdamW"], default="SGD", help="optimizer")
+    p.add_argument("--adam", action="store_true", help="same as --optimizer Adam (YOLOv5 v6.0 flag)")
+    p.add_argument("--sync-bn", action="store_true", help="use SyncBatchNorm, only available in DDP mode on CUDA")
+    p.add_argument("--workers", type=int, default=8, help="max dataloader workers (per process in DDP mode)")
+    p.add_argument("--project", default="runs/train", help="save to project/name")
+    p.add_argument("--name", default="exp", help="save to project/name")
+    p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    p.add_argument("--quad", action="store_true", help="accepted for compatibility; not used")
+    p.add_argument("--cos-lr", action="store_true", help="cosine LR scheduler")
+    p.add_argument("--linear-lr", action="store_true", help="linear LR (the default; v6.0 flag)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing epsilon")
+    p.add_argument("--patience", type=int, default=100, help="EarlyStopping patience (epochs without improvement)")
+    p.add_argument("--freeze", nargs="+", type=int, default=[0], help="freeze first N layers, or layer indices")
+    p.add_argument("--save-period", type=int, default=-1, help="save a checkpoint every N epochs (-1 disabled)")
+    p.add_argument("--seed", type=int, default=0, help="global training seed")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by torch.distributed.launch")
+    return p
+
+
+def parse_opt(argv=None, parser=None) -> argparse.Namespace:
+    opt = (parser or build_parser()).parse_args(argv)
+    if opt.adam:
+        opt.optimizer = "Adam"
+    return opt
+
+
+def resolve_resume(opt: argparse.Namespace, parser=None) -> argparse.Namespace:
+    """Options of the run being resumed: its opt.yaml, pointed at its last.pt and its own run folder."""
+    last = opt.resume if isinstance(opt.resume, str) else get_latest_run(str(ROOT / "runs"))
+    if not last or not Path(last).is_file():
+        raise FileNotFoundError(f"--resume: checkpoint '{last or 'runs/**/last.pt'}' not found; pass an existing "
+                                f"last.pt (python train.py --resume runs/train/exp/weights/last.pt)")
+    run_dir = Path(last).resolve().parent.parent
+    saved = yaml_load(run_dir / "opt.yaml") if (run_dir / "opt.yaml").exists() else {}
+    resumed = vars(parse_opt([], parser))
+    resumed.update(saved)
+    # resume holds the checkpoint path, so resolving the same options again gives the same run
+    resumed.update(weights=str(last), resume=str(last), save_dir=str(run_dir), cfg="")
+    if (run_dir / "hyp.yaml").exists():
+        resumed["hyp"] = str(run_dir / "hyp.yaml")
+    return argparse.Namespace(**resumed)
+
+
+def prepare_run(opt: argparse.Namespace, parser=None):
+    """Validate options, create the run folder, init DDP. Returns (opt, hyp, device)."""
+    local_rank, rank, world_size = distributed_env()
+    set_logging(rank=rank)
+    opt = argparse.Namespace(**vars(opt))  # the caller's namespace stays as it was
+    if opt.resume:
+        opt = resolve_resume(opt, parser)
+    else:
+        for flag in ("data", "hyp"):
+            value = getattr(opt, flag)
+            if isinstance(value, str) and not value:
+                raise ValueError(f"--{flag} must not be empty")
+        opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok or opt.resume))
+    device = select_device(opt.device, batch_size=opt.batch_size)
+    if local_rank != -1:
+        if opt.batch_size % world_size:
+            raise ValueError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {world_size}")
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    hyp = yaml_load(opt.hyp) if isinstance(opt.hyp, (str, Path)) else dict(opt.hyp)
+    if rank in (-1, 0):
+        save_dir = Path(opt.save_dir)
+        (save_dir / "weights").mkdir(parents=True, exist_ok=True)
+        yaml_save(save_dir / "hyp.yaml", hyp)
+        yaml_save(save_dir / "opt.yaml", vars(opt))
+        print_args(Path(sys.argv[0]).stem or "train", vars(opt))
+    return opt, hyp, device
+
+
+def main(opt: argparse.Namespace, task_factory=DetectionTask.build, parser=None):
+    """Train. Returns (resolved options with save_dir, final (P, R, mAP@.5, mAP@.5:.95, val losses))."""
+    opt, hyp, device = prepare_run(opt, parser)
+    try:
+        trainer = Trainer(opt, hyp, Path(opt.save_dir), device, task_factory=task_factory,
+                          callbacks=[RunLogger(opt.save_dir)])
+        results = trainer.fit()
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return opt, results
+
+
+def run(**kwargs):
+    """Programmatic entry: train.run(data='data/shapes.yaml', cfg='models/yolov5n.yaml', imgsz=64, epochs=1).
+
+    Returns the resolved options; ``opt.save_dir`` is the run folder.
+    """
+    opt = parse_opt([])
+    for k, v in kwargs.items():
+        setattr(opt, k, v)
+    return main(opt)[0]
+
+
+def cli(main_fn=main, parser_fn=build_parser) -> None:
+    """Command-line entry: expected problems print one line that says the fix instead of a traceback."""
+    parser = parser_fn()
+    opt = parse_opt(None, parser)
+    try:
+        main_fn(opt, parser=parser)
+    except (FileNotFoundError, ValueError) as e:
+        LOGGER.error(f"ERROR: {e}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,82 @@
+"""Train a small YOLOv5 student with knowledge distillation from a larger, frozen teacher.
+
+Takes every train.py flag plus the distillation flags below; `--no-kd` trains the student plainly on the same
+engine. Usage:
+    python train_kd.py --teacher_weight runs/train/m/weights/best.pt --cfg models/yolov5s.yaml \\
+        --data data/VOC.yaml --epochs 100 --batch-size 32 --name m2s --device 0
+    torchrun --nproc_per_node 2 train_kd.py --teacher_weight teacher.pt --data data/VOC.yaml ...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402
+from utils.engine import DetectionTask  # noqa: E402
+from utils.general import LOGGER  # noqa: E402
+from utils.kd.losses import FEATURE_LOSSES, OUTPUT_KD_KINDS  # noqa: E402
+from utils.kd.task import DistillationTask  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """train.py's parser plus the distillation flags, so the two command lines cannot drift apart."""
+    p = train.build_parser()
+    p.description = __doc__
+    p.set_defaults(project="runs/train", name="kd")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--teacher_weight", "--teacher", "--teacher-weight", type=str, default="",
+                   help="teacher checkpoint: ours, a KD run's, or an official YOLOv5 one")
+    g.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True,
+                   help="distil (default); --no-kd trains the student alone on the same engine")
+    g.add_argument("--kd_loss_selected", "--kd-loss", choices=OUTPUT_KD_KINDS, default="l2",
+                   help="output KD loss")
+    g.add_argument("--temperature", type=float, default=20.0, help="softmax temperature of the kl output loss")
+    g.add_argument("--alpha", type=float, default=1.0, help="weight of output KD")
+    g.add_argument("--beta", type=float, default=1.0, help="weight of feature KD")
+    g.add_argument("--feat_loss", "--feat-loss", nargs="+", choices=[*FEATURE_LOSSES, "none"], default=["none"],
+                   help="feature KD losses (one or more)")
+    g.add_argument("--ratio", type=float, default=0.25, help="background weight of the GT mask (at_masked)")
+    g.add_argument("--cwd_tau", "--cwd-tau", type=float, default=1.0, help="temperature of channel-wise KD")
+    g.add_argument("--kd_layers", "--kd-layers", nargs="+", default=None,
+                   help="student layers to distil (names like model.17 or indices); default: automatic")
+    g.add_argument("--teacher_kd_layers", "--teacher-kd-layers", nargs="+", default=None,
+                   help="teacher layers paired with --kd_layers; default: automatic")
+    g.add_argument("--kd_schedule", "--kd-schedule", choices=["const", "cos"], default="const",
+                   help="KD weight schedule: constant, or cosine decay to 1%% by the last epoch")
+    g.add_argument("--kd_stop_epoch", "--kd-stop-epoch", type=int, default=-1,
+                   help="switch KD off from this epoch on (-1: never)")
+    g.add_argument("--class_map", "--class-map", type=str, default="",
+                   help="YAML {dataset class name: teacher class name} when the teacher has other classes")
+    g.add_argument("--isL", action="store_true", help="ignored: layer pairing is automatic now")
+    return p
+
+
+def main(opt: argparse.Namespace, parser=None):
+    """Train with or without KD. Returns (resolved options with save_dir, final validation results)."""
+    parser = parser or build_parser()
+    if opt.resume:  # the resumed run's own options decide between KD and plain training
+        opt = train.resolve_resume(opt, parser)
+    if getattr(opt, "isL", False):
+        LOGGER.info("note: --isL is ignored; teacher/student layers and channels are paired automatically")
+    if not opt.kd:
+        return train.main(opt, task_factory=DetectionTask.build, parser=parser)
+    if not opt.resume and not opt.teacher_weight:
+        raise ValueError("--teacher_weight is required for distillation (or pass --no-kd for plain training)")
+    return train.main(opt, task_factory=DistillationTask.build, parser=parser)
+
+
+def run(**kwargs):
+    """Programmatic entry, e.g. train_kd.run(teacher_weight='t.pt', cfg='models/yolov5n.yaml', epochs=1)."""
+    opt = train.parse_opt([], build_parser())
+    for k, v in kwargs.items():
+        setattr(opt, k, v)
+    return main(opt)[0]
+
+
+if __name__ == "__main__":
+    train.cli(main, build_parser)

@@ -1,0 +1,502 @@
+"""The training engine shared by train.py and train_kd.py.
+
+The engine owns the loop: data, optimizer, warmup and LR schedule, gradient accumulation, AMP, EMA, validation,
+checkpoints, resume and DDP. What a training *step* computes comes from a task object:
+
+- ``DetectionTask`` (this module): forward the model, YOLOv5 detection loss.
+- ``utils.kd.task.DistillationTask``: student forward + frozen-teacher forward + detection and KD losses.
+
+A task provides ``model`` (the detector that is validated, averaged by EMA and saved), ``trainable`` (the module
+the optimizer and DDP see: the model, or the model plus KD adapters), ``loss_names``, ``skip_autoanchor``,
+``setup(trainer)``, ``on_epoch_start(epoch, epochs)``, ``train_step(module, imgs, targets) -> (loss, items)``,
+``state_dict()`` (extra checkpoint keys) and ``load_state_dict(ckpt)``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from contextlib import contextmanager
+from copy import deepcopy
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from utils.general import LOGGER, check_img_size, colorstr, yaml_save
+from utils.torch_utils import ModelEMA, de_parallel, init_seeds
+
+MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run is stopped
+
+
+class DetectionTask:
+    """Plain YOLOv5 training: one forward, one detection loss."""
+
+    loss_names = ("box_loss", "obj_loss", "cls_loss")
+    skip_autoanchor = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.compute_loss = None
+
+    @property
+    def trainable(self) -> nn.Module:
+        return self.model
+
+    def setup(self, trainer: "Trainer") -> None:
+        from utils.loss import ComputeLoss
+
+        self.compute_loss = ComputeLoss(self.model)
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        pass
+
+    def train_step(self, module: nn.Module, imgs: torch.Tensor, targets: torch.Tensor):
+        """Returns (loss scaled by batch size, detached loss items (3,))."""
+        return self.compute_loss(module(imgs), targets)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        pass
+
+    @classmethod
+    def build(cls, model: nn.Module, trainer: "Trainer") -> "DetectionTask":
+        return cls(model)
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(LOCAL_RANK, RANK, WORLD_SIZE) as set by torchrun; (-1, -1, 1) for a single process."""
+    return int(os.getenv("LOCAL_RANK", -1)), int(os.getenv("RANK", -1)), int(os.getenv("WORLD_SIZE", 1))
+
+
+@contextmanager
+def rank_zero_first(rank: int):
+    """Let rank 0 do something first (build caches, generate data) while the other ranks wait."""
+    if rank not in (-1, 0):
+        dist.barrier()
+    yield
+    if rank == 0:
+        dist.barrier()
+
+
+def smart_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.01, momentum: float = 0.937,
+                    weight_decay: float = 1e-5) -> torch.optim.Optimizer:
+    """YOLOv5's three parameter groups: 0 = BatchNorm weights (no decay), 1 = other weights (decay), 2 = biases.
+
+    The group order matters: results.csv logs their learning rates as x/lr0..x/lr2 and warmup treats group 2
+    (biases) differently.
+    """
+    bn_weights, weights, biases = [], [], []
+    norm_types = tuple(v for k, v in vars(nn).items() if "Norm" in k and isinstance(v, type))
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if pname == "bias":
+                biases.append(p)
+            elif isinstance(module, norm_types):
+                bn_weights.append(p)
+            else:
+                weights.append(p)
+    if name == "Adam":
+        optimizer = torch.optim.Adam(bn_weights, lr=lr, betas=(momentum, 0.999))
+    elif name == "AdamW":
+        optimizer = torch.optim.AdamW(bn_weights, lr=lr, betas=(momentum, 0.999), weight_decay=0.0)
+    elif name == "SGD":
+        optimizer = torch.optim.SGD(bn_weights, lr=lr, momentum=momentum, nesterov=True)
+    else:
+        raise ValueError(f"--optimizer {name} is not supported; use SGD, Adam or AdamW")
+    optimizer.add_param_group({"params": weights, "weight_decay": weight_decay})
+    optimizer.add_param_group({"params": biases})
+    LOGGER.info(f"{colorstr('optimizer:')} {name} with parameter groups {len(bn_weights)} weight (no decay), "
+                f"{len(weights)} weight, {len(biases)} bias")
+    return optimizer
+
+
+def lr_lambda(epochs: int, lrf: float, cosine: bool):
+    """Learning-rate multiplier per epoch: linear or cosine from 1 down to lrf at the last epoch."""
+    span = max(epochs - 1, 1)
+    if cosine:
+        return lambda e: ((1 - math.cos(e * math.pi / span)) / 2) * (lrf - 1) + 1
+    return lambda e: (1 - e / span) * (1.0 - lrf) + lrf
+
+
+class EarlyStopping:
+    """Stop when fitness has not improved for ``patience`` epochs."""
+
+    def __init__(self, patience: int = 30):
+        self.best_fitness = 0.0
+        self.best_epoch = 0
+        self.patience = patience or float("inf")
+
+    def __call__(self, epoch: int, fitness: float) -> bool:
+        if fitness >= self.best_fitness:
+            self.best_epoch, self.best_fitness = epoch, fitness
+        stop = (epoch - self.best_epoch) >= self.patience
+        if stop:
+            LOGGER.info(f"Stopping training early as no improvement observed in the last {self.patience} epochs. "
+                        f"Best results at epoch {self.best_epoch}; pass --patience 0 to disable early stopping.")
+        return stop
+
+
+class Trainer:
+    """Trains ``task.model`` with YOLOv5 v6.0's recipe; see the module docstring for the task protocol.
+
+    Args:
+        opt: parsed train.py options (argparse.Namespace); never modified.
+        hyp: hyperparameter dict (hyp.*.yaml); never modified.
+        save_dir: the run folder (runs/train/expN).
+        device: torch.device for this process.
+        task_factory: ``factory(model, trainer) -> task``; called once the model and data are ready.
+        callbacks: objects with any of on_train_start / on_train_batch_end / on_fit_epoch_end / on_train_end.
+    """
+
+    def __init__(self, opt, hyp: dict, save_dir: Path, device: torch.device, task_factory=DetectionTask.build,
+                 callbacks=()):
+        from utils.datasets import check_dataset
+
+        self.opt, self.device, self.save_dir = opt, device, Path(save_dir)
+        self.local_rank, self.rank, self.world_size = distributed_env()
+        self.main = self.rank in (-1, 0)
+        self.cuda = device.type == "cuda"
+        self.callbacks = list(callbacks)
+        self.wdir = self.save_dir / "weights"
+        self.last, self.best = self.wdir / "last.pt", self.wdir / "best.pt"
+        init_seeds(opt.seed + 1 + max(self.rank, 0), deterministic=True)
+        with rank_zero_first(self.rank):
+            self.data = check_dataset(opt.data)
+        self.nc = 1 if opt.single_cls else int(self.data["nc"])
+        self.names = ["item"] if opt.single_cls and len(self.data["names"]) != 1 else list(self.data["names"])
+        self.ckpt = self._load_start_checkpoint()
+        self.model = self._build_model().to(device)
+        self._freeze_layers()
+        self.gs = max(int(self.model.stride.max()), 32)
+        self.imgsz = check_img_size(opt.imgsz, self.gs, floor=self.gs * 2)
+        self.batch_size = opt.batch_size // self.world_size
+        self.nbs = 64  # nominal batch size: gradients accumulate up to it
+        self.accumulate = max(round(self.nbs / opt.batch_size), 1)
+        self.hyp = self._scaled_hyp(hyp)
+        self._build_loaders()
+        self.task = task_factory(self.model, self)
+        self._check_anchors()
+        self._attach_model_attributes()
+        self.task.setup(self)
+        self._build_optimization()
+        self.start_epoch, self.best_fitness = 0, 0.0
+        if self.ckpt is not None and opt.resume:
+            self._restore(self.ckpt)
+        self.ckpt = None  # free the memory of the start checkpoint
+        self.module = self._wrap_ddp(self.task.trainable)
+
+    def _load_start_checkpoint(self):
+        from utils.checkpoint import load_checkpoint
+
+        weights = str(self.opt.weights or "")
+        if weights.endswith(".pt"):
+            if not Path(weights).exists():
+                raise FileNotFoundError(f"--weights {weights} does not exist; pass a checkpoint path or "
+                                        f"--weights '' to train from scratch")
+            return load_checkpoint(weights, map_location="cpu")
+        return None
+
+    def _build_model(self) -> nn.Module:
+        from models.yolo import Model
+
+        opt, ckpt = self.opt, self.ckpt
+        anchors = None  # the YAML's anchors; AutoAnchor or a KD teacher may replace them later
+        if ckpt is None:
+            if not opt.cfg:
+                raise ValueError("no model given: pass --cfg models/yolov5s.yaml or --weights a checkpoint")
+            return Model(opt.cfg, ch=3, nc=self.nc, anchors=anchors)
+        cfg = opt.cfg or ckpt["model"]["yaml"]
+        model = Model(cfg, ch=3, nc=self.nc, anchors=anchors)
+        source = ckpt["model"]["state_dict"]
+        exclude = ("anchor",) if (opt.cfg or anchors) and not opt.resume else ()
+        own = model.state_dict()
+        state = {k: v for k, v in source.items()
+                 if k in own and own[k].shape == v.shape and not any(x in k for x in exclude)}
+        model.load_state_dict(state, strict=False)
+        LOGGER.info(f"Transferred {len(state)}/{len(own)} items from {opt.weights}")
+        return model
+
+    def _freeze_layers(self) -> None:
+        freeze = list(self.opt.freeze or [0])
+        layers = list(range(freeze[0])) if len(freeze) == 1 else freeze
+        prefixes = tuple(f"model.{x}." for x in layers)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(True)
+            if prefixes and name.startswith(prefixes):
+                LOGGER.info(f"freezing {name}")
+                p.requires_grad_(False)
+
+    def _scaled_hyp(self, hyp: dict) -> dict:
+        """A copy of hyp with YOLOv5's gain scaling for levels, classes and image size, and scaled decay."""
+        from utils.loss import scale_hyp_gains
+
+        nl = self.model.model[-1].nl
+        scaled = scale_hyp_gains(hyp, nl, self.nc, self.imgsz)
+        scaled["weight_decay"] = hyp["weight_decay"] * self.opt.batch_size * self.accumulate / self.nbs
+        scaled["label_smoothing"] = self.opt.label_smoothing
+        return scaled
+
+    def _build_loaders(self) -> None:
+        from utils.datasets import create_dataloader
+
+        opt = self.opt
+        with rank_zero_first(self.rank):
+            self.train_loader, self.dataset = create_dataloader(
+                self.data["train"], self.imgsz, self.batch_size, self.gs, opt.single_cls, hyp=self.hyp,
+                augment=True, cache=opt.cache or None, rect=opt.rect, rank=self.local_rank,
+                workers=opt.workers, prefix=colorstr("train: "), shuffle=not opt.rect, seed=opt.seed)
+        labels = np.concatenate(self.dataset.labels, 0) if len(self.dataset.labels) else np.zeros((0, 5))
+        if len(labels) and labels[:, 0].max() >= self.nc:
+            raise ValueError(f"label class {int(labels[:, 0].max())} exceeds nc={self.nc} in {opt.data}; "
+                             f"fix the labels or the dataset YAML's nc/names")
+        self.val_loader = None
+        if self.main:
+            self.val_loader = create_dataloader(
+                self.data["val"], self.imgsz, self.batch_size * 2, self.gs, opt.single_cls, hyp=self.hyp,
+                cache=None if opt.noval else (opt.cache or None), rect=True, rank=-1, workers=opt.workers * 2,
+                pad=0.5, prefix=colorstr("val: "), seed=opt.seed)[0]
+        self.nb = len(self.train_loader)
+
+
+    def _check_anchors(self) -> None:
+        from utils.autoanchor import check_anchors
+
+        if self.opt.resume or self.opt.noautoanchor or self.task.skip_autoanchor:
+            return
+        if self.main:
+            check_anchors(self.dataset, self.model, thr=self.hyp["anchor_t"], imgsz=self.imgsz, seed=self.opt.seed)
+        if self.world_size > 1:  # every rank trains with rank 0's anchors
+            dist.broadcast(self.model.model[-1].anchors, src=0)
+
+    def _attach_model_attributes(self) -> None:
+        self.model.nc = self.nc
+        self.model.hyp = self.hyp
+        self.model.gr = 1.0  # objectness target = IoU
+        self.model.names = self.names
+
+    def _build_optimization(self) -> None:
+        opt, hyp = self.opt, self.hyp
+        self.optimizer = smart_optimizer(self.task.trainable, opt.optimizer, hyp["lr0"], hyp["momentum"],
+                                         hyp["weight_decay"])
+        self.lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
+        self.ema = ModelEMA(self.model) if self.main else None
+        self.amp = self.cuda  # mixed precision on CUDA only; CPU trains in float32
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.stopper = EarlyStopping(patience=opt.patience)
+
+    def _restore(self, ckpt: dict) -> None:
+        """Resume: optimizer, scheduler, EMA, epoch, best fitness and the task's own state (KD adapters)."""
+        if ckpt.get("optimizer") is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.ema.load_state_dict(ckpt["ema"])
+            self.ema.updates = int(ckpt.get("updates") or 0)
+        self.best_fitness = float(ckpt.get("best_fitness") or 0.0)
+        self.start_epoch = int(ckpt["epoch"]) + 1
+        if self.start_epoch >= self.opt.epochs:
+            raise ValueError(f"{self.opt.weights} already finished {self.opt.epochs} epochs; nothing to resume. "
+                             f"Start a new run with --weights {self.opt.weights} to fine-tune further")
+        if ckpt.get("scheduler") is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        else:
+            self.scheduler.last_epoch = self.start_epoch - 1
+        self.task.load_state_dict(ckpt)
+        LOGGER.info(f"Resuming training from {self.opt.weights} at epoch {self.start_epoch}/{self.opt.epochs}")
+
+    def _wrap_ddp(self, module: nn.Module) -> nn.Module:
+        if self.world_size <= 1 or self.rank == -1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.local_rank] if self.cuda else None
+        return DDP(module, device_ids=ids, output_device=ids[0] if ids else None)
+
+    def fit(self) -> tuple:
+        """Train for the remaining epochs; returns the final validation results (P, R, mAP50, mAP, losses)."""
+        self._emit("on_train_start", self)
+        results = (0.0,) * 7
+        self.scheduler.last_epoch = self.start_epoch - 1
+        for epoch in range(self.start_epoch, self.opt.epochs):
+            self.epoch = epoch
+            mean_loss = self.train_one_epoch(epoch)
+            lrs = [g["lr"] for g in self.optimizer.param_groups]
+            self.scheduler.step()
+            stop = False
+            if self.main:
+                results, stop = self._end_epoch(epoch, mean_loss, lrs)
+            if self.world_size > 1:
+                flag = torch.tensor([float(stop)], device=self.device)
+                dist.broadcast(flag, src=0)
+                stop = bool(flag.item())
+            if stop:
+                break
+        if self.main:
+            results = self.finish(results)
+        return results
+
+    def finish(self, results: tuple) -> tuple:
+        """Shrink the checkpoints (drop optimizer, fp16 weights) and report best.pt per class."""
+        from models.experimental import attempt_load
+        from utils.checkpoint import strip_optimizer
+
+        for f in (self.last, self.best):
+            if f.exists():
+                strip_optimizer(f)
+        if self.best.exists() and not self.opt.noval:
+            LOGGER.info(f"\nValidating {self.best}...")
+            best = attempt_load(self.best, map_location=self.device)
+            results, _ = self.validate(plots=True, model=best, verbose=True)
+        self._emit("on_train_end", self)
+        LOGGER.info(f"Results saved to {colorstr('bold', self.save_dir)}")
+        return results
+
+    def warmup(self, ni: int, epoch: int) -> None:
+        """Ramp learning rates (biases down from warmup_bias_lr, others up from 0), momentum and accumulation."""
+        hyp = self.hyp
+        nw = max(round(hyp["warmup_epochs"] * self.nb), 100)
+        if ni > nw:
+            return
+        xi = [0, nw]
+        self.accumulate = max(1, int(np.interp(ni, xi, [1, self.nbs / self.opt.batch_size]).round()))
+        for j, group in enumerate(self.optimizer.param_groups):
+            start = hyp["warmup_bias_lr"] if j == 2 else 0.0
+            group["lr"] = float(np.interp(ni, xi, [start, group["initial_lr"] * self.lf(epoch)]))
+            if "momentum" in group:
+                group["momentum"] = float(np.interp(ni, xi, [hyp["warmup_momentum"], hyp["momentum"]]))
+
+    def preprocess(self, imgs: torch.Tensor) -> torch.Tensor:
+        """uint8 (B,3,H,W) -> float 0..1 on the device, resized when --multi-scale is on."""
+        imgs = imgs.to(self.device, non_blocking=True).float() / 255
+        if self.opt.multi_scale:
+            size = random.randrange(int(self.imgsz * 0.5), int(self.imgsz * 1.5) + self.gs) // self.gs * self.gs
+            factor = size / max(imgs.shape[2:])
+            if factor != 1:
+                shape = [math.ceil(x * factor / self.gs) * self.gs for x in imgs.shape[2:]]
+                imgs = nn.functional.interpolate(imgs, size=shape, mode="bilinear", align_corners=False)
+        return imgs
+
+    def train_one_epoch(self, epoch: int) -> torch.Tensor:
+        """One pass over the training data; returns the running mean of the task's loss items."""
+        self.task.trainable.train()
+        self.task.on_epoch_start(epoch, self.opt.epochs)
+        if hasattr(self.train_loader.sampler, "set_epoch"):
+            self.train_loader.sampler.set_epoch(epoch)
+        names = self.task.loss_names
+        mean_loss = torch.zeros(len(names), device=self.device)
+        batches = enumerate(self.train_loader)
+        if self.main:
+            LOGGER.info(("\n" + "%10s" * (4 + len(names))) % ("Epoch", "gpu_mem", *names, "labels", "img_size"))
+            batches = tqdm(batches, total=self.nb, bar_format="{l_bar}{bar:10}{r_bar}{bar:-10b}")
+        self.optimizer.zero_grad()
+        finite_steps, self.bad_steps = 0, getattr(self, "bad_steps", 0)
+        for i, (imgs, targets, paths, _) in batches:
+            ni = i + self.nb * epoch
+            self.warmup(ni, epoch)
+            imgs = self.preprocess(imgs)
+            with torch.amp.autocast("cuda", enabled=self.amp):
+                loss, items = self.task.train_step(self.module, imgs, targets.to(self.device))
+            if not self._loss_is_finite(loss):
+                self._skip_bad_step(epoch)
+                continue
+            self.scaler.scale(loss).backward()
+            if ni - getattr(self, "last_opt_step", -1) >= self.accumulate:
+                self.optimizer_step()
+                self.last_opt_step = ni
+            mean_loss = (mean_loss * finite_steps + items.detach()) / (finite_steps + 1)
+            finite_steps, self.bad_steps = finite_steps + 1, 0
+            if self.main:
+                mem = f"{torch.cuda.memory_reserved() / 1e9 if self.cuda else 0:.3g}G"
+                batches.set_description(("%10s" * 2 + "%10.4g" * (2 + len(names))) % (
+                    f"{epoch}/{self.opt.epochs - 1}", mem, *mean_loss.tolist(), targets.shape[0], imgs.shape[-1]))
+                self._emit("on_train_batch_end", self, ni, imgs, targets, paths)
+        return mean_loss
+
+    def optimizer_step(self) -> None:
+        """Unscale, clip, step, update EMA."""
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.task.trainable.parameters(), max_norm=10.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def _loss_is_finite(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss).all().float().reshape(1)
+        if self.world_size > 1:  # all ranks must agree, or DDP's gradient all-reduce would hang
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _skip_bad_step(self, epoch: int) -> None:
+        self.optimizer.zero_grad()
+        self.bad_steps += 1
+        LOGGER.warning(f"WARNING: non-finite loss in epoch {epoch}, step skipped ({self.bad_steps} in a row)")
+        if self.bad_steps >= MAX_BAD_STEPS:
+            if self.main:
+                self.save(epoch - 1, final=False)
+            raise RuntimeError(f"loss was NaN/Inf for {MAX_BAD_STEPS} steps in a row; stopped and saved "
+                               f"{self.last}. Lower lr0 in --hyp, check the labels, or resume with --resume")
+
+    def _end_epoch(self, epoch: int, mean_loss: torch.Tensor, lrs: list) -> tuple:
+        """Validate, log and save on rank 0. Returns (results, stop)."""
+        self.ema.update_attr(self.model)
+        final = epoch + 1 == self.opt.epochs or epoch - self.stopper.best_epoch + 1 >= self.stopper.patience
+        results, maps = (0.0,) * 7, np.zeros(self.nc)
+        if not self.opt.noval or final:
+            results, maps = self.validate(plots=final)
+        from utils.metrics import fitness
+
+        fi = float(fitness(np.array(results).reshape(1, -1))[0])
+        if fi > self.best_fitness:
+            self.best_fitness = fi
+        values = {"train": mean_loss.tolist(), "metrics": list(results[:4]), "val": list(results[4:7]),
+                  "lr": lrs}
+        self._emit("on_fit_epoch_end", self, epoch, values, fi)
+        if not self.opt.nosave or final:
+            self.save(epoch, is_best=fi == self.best_fitness)
+        return results, self.stopper(epoch=epoch, fitness=fi)
+
+    def validate(self, plots: bool = False, model=None, verbose: bool = False) -> tuple:
+        import val as validator
+
+        results, maps, _ = validator.run(
+            self.data, batch_size=self.batch_size * 2, imgsz=self.imgsz, model=model or self.ema.ema,
+            single_cls=self.opt.single_cls, dataloader=self.val_loader, save_dir=self.save_dir,
+            plots=plots, verbose=verbose, compute_loss=self.task.compute_loss, half=self.amp)
+        return tuple(float(x) for x in results), maps
+
+    def checkpoint(self, epoch: int) -> dict:
+        from utils.checkpoint import build_checkpoint
+
+        extra = {"scheduler": self.scheduler.state_dict(), **self.task.state_dict()}
+        return build_checkpoint(self.model, ema=self.ema, optimizer=self.optimizer, epoch=epoch,
+                                best_fitness=self.best_fitness, opt=vars(self.opt), hyp=self.hyp, extra=extra)
+
+    def save(self, epoch: int, is_best: bool = False, final: bool = True) -> None:
+        """Write last.pt (and best.pt / epoch{N}.pt) atomically, so a killed run can always resume."""
+        from utils.checkpoint import save_checkpoint
+
+        self.wdir.mkdir(parents=True, exist_ok=True)
+        ckpt = self.checkpoint(epoch)
+        save_checkpoint(ckpt, self.last)
+        if is_best:
+            save_checkpoint(ckpt, self.best)
+        period = self.opt.save_period
+        if period > 0 and (epoch + 1) % period == 0:
+            save_checkpoint(ckpt, self.wdir / f"epoch{epoch}.pt")
+
+    def _emit(self, event: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn(*args)

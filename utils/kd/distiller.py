@@ -1,0 +1,144 @@
+"""Wiring of feature distillation: KD settings, the student-with-adapters module and the feature-loss sum."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from utils.kd.adapters import adapt, build_adapters
+from utils.kd.losses import FEATURE_LOSSES, NEEDS_ADAPTER, NEEDS_MASK, OUTPUT_KD_KINDS, gt_mask
+from utils.kd.recorder import FeatureRecorder
+
+SCHEDULES = ("const", "cos")
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """Distillation settings (train_kd.py flags).
+
+    Attributes:
+        output_loss: output KD kind, 'l2', 'kl' or 'bce' (--kd_loss_selected).
+        temperature: softmax temperature of 'kl'.
+        alpha: weight of output KD; beta: weight of feature KD.
+        feat_losses: feature losses from utils.kd.losses.FEATURE_LOSSES (empty = output KD only).
+        ratio: background weight of the ground-truth mask of 'at_masked'.
+        cwd_tau: temperature of channel-wise distillation.
+        schedule: 'const' or 'cos' (KD weights decay to 1% by the last epoch).
+        stop_epoch: KD is switched off from this epoch on (-1: never).
+        s_layers, t_layers: explicit layer names (None: automatic pairing).
+        class_map: YAML file mapping dataset class names to teacher class names (None: match by name).
+    """
+
+    output_loss: str = "l2"
+    temperature: float = 20.0
+    alpha: float = 1.0
+    beta: float = 1.0
+    feat_losses: tuple = ()
+    ratio: float = 0.25
+    cwd_tau: float = 1.0
+    schedule: str = "const"
+    stop_epoch: int = -1
+    s_layers: tuple | None = None
+    t_layers: tuple | None = None
+    class_map: str | None = None
+
+    def __post_init__(self):
+        if self.output_loss not in OUTPUT_KD_KINDS:
+            raise ValueError(f"--kd_loss_selected {self.output_loss}: choose one of {', '.join(OUTPUT_KD_KINDS)}")
+        unknown = [f for f in self.feat_losses if f not in FEATURE_LOSSES]
+        if unknown:
+            raise ValueError(f"--feat_loss {' '.join(unknown)}: choose from {', '.join(FEATURE_LOSSES)} or none")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--kd_schedule {self.schedule}: choose one of {', '.join(SCHEDULES)}")
+
+    def weight(self, epoch: int, epochs: int) -> float:
+        """Multiplier of every KD term at this epoch: 1 (const), cosine 1 -> 0.01 (cos), 0 after stop_epoch."""
+        if 0 <= self.stop_epoch <= epoch:
+            return 0.0
+        if self.schedule == "cos":
+            return 0.01 + 0.99 * (1 + math.cos(math.pi * epoch / max(epochs - 1, 1))) / 2
+        return 1.0
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+class KDStudent(nn.Module):
+    """What the optimizer and DDP see in a KD run: the student plus its adapters.
+
+    forward(imgs) returns (student raw maps, [(features, adapted features) per layer pair]). Adapters run inside
+    forward so that DDP treats them like any other student parameter.
+    """
+
+    def __init__(self, student: nn.Module, adapters: nn.ModuleDict, layer_names):
+        super().__init__()
+        self.model = student
+        self.adapters = adapters
+        self.layer_names = list(layer_names)
+
+    def forward(self, imgs):
+        if not self.layer_names:
+            return self.model(imgs), []
+        with FeatureRecorder(self.model, self.layer_names) as rec:
+            preds = self.model(imgs)
+        feats = rec.get(self.layer_names)
+        return preds, [(f, adapt(self.adapters, i, f)) for i, f in enumerate(feats)]
+
+
+class Distiller:
+    """Feature losses over layer pairs.
+
+    Args:
+        pairs: utils.kd.pairing.LayerPair list (s_name, t_name, s_channels, t_channels, stride).
+        cfg: KDConfig.
+    """
+
+    def __init__(self, pairs, cfg: KDConfig):
+        self.pairs = list(pairs) if cfg.feat_losses else []
+        self.cfg = cfg
+        needs_adapter = any(f in NEEDS_ADAPTER for f in cfg.feat_losses)
+        self.adapters = build_adapters([p.s_channels for p in self.pairs], [p.t_channels for p in self.pairs],
+                                       needed=needs_adapter)
+        self.losses = [(name, FEATURE_LOSSES[name]) for name in cfg.feat_losses]
+
+    @property
+    def s_names(self) -> list:
+        return [p.s_name for p in self.pairs]
+
+    @property
+    def t_names(self) -> list:
+        return [p.t_name for p in self.pairs]
+
+    def feature_loss(self, s_feats, t_feats, targets: torch.Tensor) -> torch.Tensor:
+        """Sum over pairs and losses, each averaged as its loss defines.
+
+        Args:
+            s_feats: [(features (bs, c_s, h, w), adapted (bs, c_t, h, w))] from KDStudent.
+            t_feats: [teacher features (bs, c_t, h, w)].
+            targets: (n, 6) [img_idx, cls, xc, yc, w, h] normalised, for 'at_masked'.
+        """
+        total = s_feats[0][0].new_zeros((), dtype=torch.float32)
+        masks = {}
+        for (s, s_adapted), t in zip(s_feats, t_feats):
+            for name, fn in self.losses:
+                if name in NEEDS_MASK:
+                    bs, _, h, w = s.shape
+                    if (h, w) not in masks:
+                        masks[(h, w)] = gt_mask(targets, bs, h, w, ratio=self.cfg.ratio, device=s.device)
+                    total = total + fn(s, t, masks[(h, w)])
+                elif name == "cwd":
+                    total = total + fn(s_adapted, t, tau=self.cfg.cwd_tau)
+                else:
+                    total = total + fn(s_adapted if name in NEEDS_ADAPTER else s, t)
+        return total
+
+    @staticmethod
+    def keep_in_graph(s_feats) -> torch.Tensor:
+        """A zero that touches every adapted feature, so DDP sees adapter gradients while KD is switched off."""
+        zero = None
+        for _, adapted in s_feats:
+            term = adapted.sum() * 0.0
+            zero = term if zero is None else zero + term
+        return zero if zero is not None else 0.0

@@ -1,0 +1,182 @@
+"""DistillationTask: a training step with a frozen teacher, for the shared engine (utils/engine.py)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from utils.engine import DetectionTask
+from utils.general import LOGGER, colorstr
+from utils.kd.classmap import check_overlap, format_mapping_table, load_class_map, match_classes, needs_obj_scaling
+from utils.kd.distiller import Distiller, KDConfig, KDStudent
+from utils.kd.losses import output_kd_terms
+from utils.kd.pairing import pair_layers
+from utils.kd.recorder import FeatureRecorder
+
+KD_LOSS_NAMES = ("kd_box", "kd_obj", "kd_cls", "kd_feat")
+
+
+def load_teacher(weights, device: torch.device) -> nn.Module:
+    """The teacher as an inference model: BatchNorm folded, eval mode, no gradients, fp16 + channels_last on CUDA.
+
+    Accepts our checkpoints (plain or KD runs) and official YOLOv5 checkpoints.
+    """
+    from pathlib import Path
+
+    from utils.checkpoint import load_checkpoint, model_from_checkpoint
+
+    if not weights or not Path(weights).is_file():
+        raise FileNotFoundError(f"--teacher_weight '{weights}' not found; train a teacher first "
+                                f"(python train.py --data ... --cfg models/yolov5m.yaml) and pass its best.pt")
+    teacher = model_from_checkpoint(load_checkpoint(weights, map_location="cpu"))
+    teacher = teacher.fuse().eval().requires_grad_(False).to(device)
+    if device.type == "cuda":
+        teacher = teacher.half().to(memory_format=torch.channels_last)
+    return teacher
+
+
+def teacher_class_index(student_names, teacher_names, class_map_file=None, data=""):
+    """Teacher class per student class (None when the class lists are identical). Prints the mapping table."""
+    student_names, teacher_names = list(student_names), list(teacher_names)
+    if student_names == teacher_names and not class_map_file:
+        return None
+    class_map = load_class_map(class_map_file) if class_map_file else None
+    index = match_classes(student_names, teacher_names, class_map)
+    try:
+        check_overlap(index)
+    except ValueError as e:
+        raise ValueError(f"teacher has {len(teacher_names)} classes, the data {len(student_names)}, and {e}; e.g. "
+                         f"train a teacher on this dataset first: python train.py --data {data or 'DATA.yaml'} "
+                         f"--cfg models/yolov5m.yaml --weights ''") from None
+    LOGGER.info(colorstr("KD classes: ") + "teacher -> student class mapping\n" +
+                format_mapping_table(student_names, teacher_names, index))
+    return index
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module) -> bool:
+    """Raise when the detection heads cannot be distilled; return True when the student must adopt the teacher's
+    anchors (they differ), which it then does in place."""
+    s_det, t_det = student.model[-1], teacher.model[-1]
+    s_strides, t_strides = s_det.stride.tolist(), t_det.stride.tolist()
+    if s_strides != t_strides:
+        raise ValueError(f"teacher strides {t_strides} differ from the student's {s_strides} (detection levels "
+                         f"{t_det.nl} vs {s_det.nl}); use a student YAML with the teacher's levels (e.g. a P5 "
+                         f"student for a P5 teacher)")
+    if s_det.na != t_det.na:
+        raise ValueError(f"teacher has {t_det.na} anchors per level, the student {s_det.na}; copy the teacher's "
+                         f"'anchors:' into the student's model YAML")
+    t_anchors = t_det.anchors.detach().to(s_det.anchors.device, torch.float32)
+    if torch.allclose(s_det.anchors, t_anchors, atol=1e-4):
+        return False
+    with torch.no_grad():
+        s_det.anchors.copy_(t_anchors)
+    LOGGER.info(f"{colorstr('KD anchors: ')}student adopts the teacher's anchors "
+                f"{(t_anchors * t_det.stride.view(-1, 1, 1).to(t_anchors)).round().view(s_det.nl, -1).tolist()} "
+                f"(AutoAnchor is skipped for the student)")
+    return True
+
+
+def layer_names(values):
+    """--kd_layers values: '17' or 'model.17' -> 'model.17'; None stays None."""
+    if not values:
+        return None
+    return tuple(v if not str(v).isdigit() else f"model.{v}" for v in values)
+
+
+class DistillationTask(DetectionTask):
+    """Detection loss + alpha * output KD + beta * feature KD, with a frozen teacher.
+
+    The teacher runs once per step under no_grad in eval mode (fused, fp16 on CUDA) and is never wrapped in DDP;
+    KD losses are computed in float32 outside no_grad so their gradients reach the student (and its adapters).
+    The student always keeps the teacher's anchors, so AutoAnchor is skipped.
+    """
+
+    loss_names = DetectionTask.loss_names + KD_LOSS_NAMES
+    skip_autoanchor = True
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, cfg: KDConfig, pairs, t_cls_index=None):
+        super().__init__(model)
+        self.teacher, self.cfg = teacher, cfg
+        self.distiller = Distiller(pairs, cfg)
+        device = next(model.parameters()).device
+        self.distiller.adapters.to(device)
+        self.student = KDStudent(model, self.distiller.adapters, self.distiller.s_names)
+        self.t_cls_index = None if t_cls_index is None else torch.tensor(t_cls_index, device=device)
+        self.t_obj_scale = t_cls_index is not None and needs_obj_scaling(t_cls_index, teacher.model[-1].nc)
+        self.factor = 1.0
+        self.hyp = {}
+
+    @property
+    def trainable(self) -> nn.Module:
+        return self.student
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        self.hyp = trainer.hyp
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        self.factor = self.cfg.weight(epoch, epochs)
+        self.teacher.eval()  # nothing may switch the teacher to train mode
+
+    @torch.no_grad()
+    def teacher_forward(self, imgs: torch.Tensor):
+        """Teacher raw maps [(bs, na, ny, nx, 5 + nc_t)] and recorded features, without an autograd graph."""
+        p = next(self.teacher.parameters())
+        x = imgs.to(p.dtype)
+        if p.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        names = self.distiller.t_names
+        if not names:
+            return self.teacher(x)[1], []
+        with FeatureRecorder(self.teacher, names) as rec:
+            _, maps = self.teacher(x)
+        return maps, rec.get(names)
+
+    def train_step(self, module: nn.Module, imgs: torch.Tensor, targets: torch.Tensor):
+        """Returns (total loss scaled by batch size, items (7,): box, obj, cls, kd_box, kd_obj, kd_cls, kd_feat)."""
+        preds, s_feats = module(imgs)
+        loss, items = self.compute_loss(preds, targets)
+        if self.factor == 0:
+            zeros = items.new_zeros(len(KD_LOSS_NAMES))
+            return loss + Distiller.keep_in_graph(s_feats), torch.cat((items, zeros))
+        t_maps, t_feats = self.teacher_forward(imgs)
+        box, obj, cls = output_kd_terms(preds, t_maps, kind=self.cfg.output_loss, temperature=self.cfg.temperature,
+                                        t_cls_index=self.t_cls_index, t_obj_scale=self.t_obj_scale)
+        hyp, cfg = self.hyp, self.cfg
+        kd_gain = hyp.get("kd", 1.0) * cfg.alpha * self.factor
+        out_terms = torch.stack((box * hyp.get("giou", 0.05), obj * hyp["obj"], cls * hyp["cls"])) * kd_gain
+        feat = self.distiller.feature_loss(s_feats, t_feats, targets) * (cfg.beta * self.factor) \
+            if s_feats else out_terms.new_zeros(())
+        kd_items = torch.cat((out_terms, feat.reshape(1)))
+        bs = imgs.shape[0]
+        return loss + kd_items.sum() * bs, torch.cat((items, kd_items.detach()))
+
+    def state_dict(self) -> dict:
+        adapters = {k: v.detach().cpu() for k, v in self.distiller.adapters.state_dict().items()}
+        return {"adapters": adapters, "kd": self.cfg.to_dict()}
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        if ckpt.get("adapters"):
+            self.distiller.adapters.load_state_dict(ckpt["adapters"])
+
+    @classmethod
+    def build(cls, model: nn.Module, trainer) -> "DistillationTask":
+        """Load and check the teacher, match classes, pair layers, build adapters (before the optimizer)."""
+        opt = trainer.opt
+        cfg = kd_config_from_opt(opt)
+        teacher = load_teacher(opt.teacher_weight, trainer.device)
+        index = teacher_class_index(trainer.names, teacher.names, cfg.class_map, opt.data)
+        check_teacher(model, teacher)
+        pairs = pair_layers(model, teacher, cfg.s_layers, cfg.t_layers, imgsz=trainer.gs * 2) \
+            if cfg.feat_losses else []
+        for p in pairs:
+            LOGGER.info(f"{colorstr('KD pair: ')}student {p.s_name} ({p.s_channels} ch) <- teacher {p.t_name} "
+                        f"({p.t_channels} ch), stride {p.stride}")
+        return cls(model, teacher, cfg, pairs, index)
+
+
+def kd_config_from_opt(opt) -> KDConfig:
+    feats = tuple(f for f in (opt.feat_loss or []) if f != "none")
+    return KDConfig(output_loss=opt.kd_loss_selected, temperature=float(opt.temperature), alpha=opt.alpha,
+                    beta=opt.beta, feat_losses=feats, ratio=opt.ratio, cwd_tau=opt.cwd_tau,
+                    schedule=opt.kd_schedule, stop_epoch=opt.kd_stop_epoch, s_layers=layer_names(opt.kd_layers),
+                    t_layers=layer_names(opt.teacher_kd_layers), class_map=opt.class_map or None)

@@ -1,0 +1,71 @@
+"""Callbacks that watch training: results.csv, plots and run files. They never change a training step."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from utils.general import LOGGER
+
+# results.csv columns in YOLOv5's order; a task's extra loss terms (KD) are appended after them as train/<name>
+YOLOV5_COLUMNS = ("train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
+                  "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/obj_loss", "val/cls_loss",
+                  "x/lr0", "x/lr1", "x/lr2")
+
+
+def results_columns(loss_names) -> list:
+    """All results.csv columns for a task whose loss items are named ``loss_names`` (first 3 = box/obj/cls)."""
+    return ["epoch", *YOLOV5_COLUMNS, *(f"train/{n}" for n in loss_names[3:])]
+
+
+def format_row(values) -> str:
+    return ",".join(f"{v:>20.5g}" for v in values)
+
+
+class RunLogger:
+    """Writes results.csv (appending on resume), labels.jpg, train_batch*.jpg and results.png for a run."""
+
+    def __init__(self, save_dir, plots: bool = True):
+        self.save_dir = Path(save_dir)
+        self.csv = self.save_dir / "results.csv"
+        self.names = []
+        self.plots = plots
+
+    def on_train_start(self, trainer) -> None:
+        self.names = list(trainer.names)
+        if self.plots and trainer.start_epoch == 0:
+            try:
+                import numpy as np
+
+                from utils.plots import plot_labels
+
+                labels = np.concatenate(trainer.dataset.labels, 0) if len(trainer.dataset.labels) else []
+                if len(labels):
+                    plot_labels(labels, self.names, self.save_dir)
+            except Exception as e:  # plots must never stop a run
+                LOGGER.warning(f"WARNING: labels plot failed: {e}")
+
+    def on_train_batch_end(self, trainer, ni, imgs, targets, paths) -> None:
+        if self.plots and ni < 3:
+            try:
+                from utils.plots import plot_images
+
+                plot_images(imgs, targets, paths, self.save_dir / f"train_batch{ni}.jpg", names=self.names)
+            except Exception as e:
+                LOGGER.warning(f"WARNING: train batch plot failed: {e}")
+
+    def on_fit_epoch_end(self, trainer, epoch, values: dict, fitness: float) -> None:
+        """values: {'train': [losses...], 'metrics': [P, R, mAP50, mAP], 'val': [3 losses], 'lr': [3 lrs]}."""
+        train = list(values["train"])
+        row = [epoch, *train[:3], *values["metrics"], *values["val"], *values["lr"], *train[3:]]
+        columns = results_columns(trainer.task.loss_names)
+        header = "" if self.csv.exists() else ",".join(f"{c:>20s}" for c in columns) + "\n"
+        with open(self.csv, "a") as f:
+            f.write(header + format_row(row) + "\n")
+
+    def on_train_end(self, trainer) -> None:
+        if self.plots and self.csv.exists():
+            try:
+                from utils.plots import plot_results
+
+                plot_results(file=self.csv)
+            except Exception as e:
+                LOGGER.warning(f"WARNING: results plot failed: {e}")
