@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from models import attention
 from models.common import C3, SPP, SPPF, Bottleneck, BottleneckCSP, Concat, Conv, DWConv, Focus
-from utils.general import LOGGER, make_divisible, yaml_load
+from utils.general import LOGGER, make_divisible, set_logging, yaml_load
 from utils.torch_utils import fuse_conv_and_bn, model_info
 
 
@@ -178,7 +178,7 @@ class Model(nn.Module):
         m = self.model[-1]
         if not isinstance(m, Detect):
             return
-        probe = 256  # any multiple of the largest stride works
+        probe = 128  # any multiple of the largest stride works (P6 models: 64)
         m.inplace = self.inplace
         with torch.no_grad():
             outs = self.forward(torch.zeros(1, ch, probe, probe))
@@ -207,6 +207,7 @@ class Model(nn.Module):
                 b[:, 4] += math.log(8 / (640 / float(s)) ** 2)
                 b[:, 5:] += math.log(0.6 / (m.nc - 0.99))
 
+    @torch.no_grad()
     def fuse(self):
         """Fold every Conv's BatchNorm into its convolution (inference only); returns self."""
         for m in self.model.modules():
@@ -271,4 +272,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    set_logging()
     main()

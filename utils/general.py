@@ -24,9 +24,6 @@ def set_logging(verbose: bool = True, rank: int = -1) -> None:
         LOGGER.addHandler(handler)
         LOGGER.propagate = False
 
-
-set_logging()
-
 _ANSI = {
     "black": "\033[30m", "red": "\033[31m", "green": "\033[32m", "yellow": "\033[33m",
     "blue": "\033[34m", "magenta": "\033[35m", "cyan": "\033[36m", "white": "\033[37m",
@@ -93,3 +90,12 @@ def get_latest_run(search_dir: str = ".") -> str:
 def print_args(name: str, args: dict) -> None:
     """One log line with a script's arguments."""
     LOGGER.info(colorstr(f"{name}: ") + ", ".join(f"{k}={v}" for k, v in args.items()))
+
+
+def find_file(path) -> Path:
+    """A file by path as given, else relative to the repository root (so defaults work from any folder)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    candidate = ROOT / p
+    return candidate if candidate.exists() else p

@@ -56,6 +56,7 @@ def de_parallel(model: nn.Module) -> nn.Module:
     return model.module if is_parallel(model) else model
 
 
+@torch.no_grad()
 def fuse_conv_and_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A new Conv2d (with bias) computing bn(conv(x)) in eval mode."""
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride,

@@ -1,0 +1,314 @@
+"""Tests for utils/kd/losses.py: formulas against explicit loops, gradients, class mapping, masks."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from utils.kd.losses import (FEATURE_LOSSES, NEEDS_ADAPTER, NEEDS_MASK, at_loss, at_masked, class_mass_scale,
+                             compute_kd_output_loss, cwd_loss, ft_loss, gt_mask, mimic_loss, output_kd_terms)
+
+
+def _maps(seed, nc=3, shapes=((2, 3, 4, 4), (2, 3, 2, 2)), scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, 5 + nc, generator=g) * scale for s in shapes]
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def _reference_terms(s_maps, t_maps, kind, temperature=20.0):
+    """Explicit per-cell loops over python floats."""
+    box = obj = cls = 0.0
+    for s_level, t_level in zip(s_maps, t_maps):
+        s_cells = s_level.reshape(-1, s_level.shape[-1]).tolist()
+        t_cells = t_level.reshape(-1, t_level.shape[-1]).tolist()
+        nc = len(s_cells[0]) - 5
+        lb = lo = lc = 0.0
+        for s, t in zip(s_cells, t_cells):
+            w = _sig(t[4])
+            lb += sum((s[k] - t[k]) ** 2 for k in range(4)) * w
+            if kind == "bce":
+                p, q = w, _sig(s[4])
+                lo += -(p * math.log(q) + (1 - p) * math.log(1 - q)) * w
+            else:
+                lo += (s[4] - t[4]) ** 2 * w
+            lc += _reference_cls(s[5:], t[5:], kind, temperature) * w
+        n = len(s_cells)
+        box, obj, cls = box + lb / (4 * n), obj + lo / n, cls + lc / (nc * n)
+    return box, obj, cls
+
+
+def _reference_cls(s, t, kind, temperature):
+    if kind == "l2":
+        return sum((a - b) ** 2 for a, b in zip(s, t))
+    if kind == "bce":
+        return sum(-(_sig(b) * math.log(_sig(a)) + (1 - _sig(b)) * math.log(1 - _sig(a))) for a, b in zip(s, t))
+    zs = sum(math.exp(a / temperature) for a in s)
+    zt = sum(math.exp(b / temperature) for b in t)
+    total = 0.0
+    for a, b in zip(s, t):
+        ps, pt = math.exp(a / temperature) / zs, math.exp(b / temperature) / zt
+        total += pt * (math.log(pt) - math.log(ps))
+    return total * temperature ** 2
+
+
+@pytest.mark.parametrize("kind,temperature", [("l2", 20.0), ("kl", 20.0), ("kl", 2.0), ("bce", 20.0)])
+def test_output_terms_match_explicit_loops(kind, temperature):
+    s_maps, t_maps = _maps(0), _maps(1)
+    got = output_kd_terms(s_maps, t_maps, kind=kind, temperature=temperature)
+    want = _reference_terms(s_maps, t_maps, kind, temperature)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and g.dim() == 0
+        assert g.item() == pytest.approx(w, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["l2", "kl"])
+def test_output_terms_zero_when_student_equals_teacher(kind):
+    t_maps = _maps(2)
+    box, obj, cls = output_kd_terms([t.clone() for t in t_maps], t_maps, kind=kind)
+    assert box.item() == 0 and obj.item() == 0 and abs(cls.item()) < 1e-6
+
+
+def test_bce_is_minimal_at_teacher():
+    t_maps = _maps(3)
+    s_maps = [t.clone().requires_grad_(True) for t in t_maps]
+    sum(output_kd_terms(s_maps, t_maps, kind="bce")).backward()
+    assert all(s.grad.abs().max() < 1e-6 for s in s_maps)
+
+
+@pytest.mark.parametrize("kind", ["l2", "kl", "bce"])
+def test_output_terms_gradient_to_student_only(kind):
+    s_maps = [m.requires_grad_(True) for m in _maps(4)]
+    t_maps = [m.requires_grad_(True) for m in _maps(5)]
+    for term in output_kd_terms(s_maps, t_maps, kind=kind):
+        assert term.requires_grad
+    sum(output_kd_terms(s_maps, t_maps, kind=kind)).backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in s_maps)
+    assert all(t.grad is None for t in t_maps)
+
+
+def test_half_inputs_are_cast_to_float32():
+    s_maps, t_maps = _maps(6), _maps(7)
+    half = output_kd_terms(s_maps, [t.half() for t in t_maps])
+    assert all(h.dtype == torch.float32 for h in half)
+    full = output_kd_terms(s_maps, [t.half().float() for t in t_maps])
+    assert all(torch.equal(a, b) for a, b in zip(half, full))
+
+
+def test_eval_mode_teacher_output_is_accepted():
+    s_maps, t_maps = _maps(8), _maps(9)
+    eval_out = (torch.zeros(2, 10, 8), t_maps)
+    assert all(torch.equal(a, b) for a, b in zip(output_kd_terms(s_maps, eval_out), output_kd_terms(s_maps, t_maps)))
+
+
+def test_bad_kind_and_class_mismatch_raise():
+    with pytest.raises(ValueError, match="l2"):
+        output_kd_terms(_maps(0), _maps(1), kind="mse")
+    with pytest.raises(ValueError, match="t_cls_index"):
+        output_kd_terms(_maps(0, nc=3), _maps(1, nc=5))
+    with pytest.raises(ValueError, match="match_classes"):
+        output_kd_terms(_maps(0, nc=3), _maps(1, nc=5), t_cls_index=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("kind", ["l2", "kl", "bce"])
+def test_identity_mapping_equals_plain(kind):
+    s_maps, t_maps = _maps(10), _maps(11)
+    plain = output_kd_terms(s_maps, t_maps, kind=kind)
+    mapped = output_kd_terms(s_maps, t_maps, kind=kind, t_cls_index=torch.arange(3))
+    for a, b in zip(plain, mapped):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["l2", "kl", "bce"])
+def test_mapping_gathers_teacher_channels(kind):
+    s_maps, t_maps = _maps(12, nc=2), _maps(13, nc=3)
+    index = torch.tensor([2, 0])  # student class 0 <- teacher 2, student 1 <- teacher 0; teacher 1 unmapped
+    reordered = [torch.cat((t[..., :5], t[..., 7:8], t[..., 5:6]), -1) for t in t_maps]
+    mapped = output_kd_terms(s_maps, t_maps, kind=kind, t_cls_index=index, t_obj_scale=False)
+    plain = output_kd_terms(s_maps, reordered, kind=kind)
+    for a, b in zip(mapped, plain):
+        assert torch.allclose(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["l2", "kl", "bce"])
+def test_unmapped_student_class_gets_no_class_kd(kind):
+    s_maps, t_maps = _maps(14, nc=3), _maps(15, nc=2)
+    index = torch.tensor([0, -1, 1])
+    mapped = output_kd_terms(s_maps, t_maps, kind=kind, t_cls_index=index, t_obj_scale=False)
+    s_known = [torch.cat((s[..., :5], s[..., 5:6], s[..., 7:8]), -1) for s in s_maps]
+    plain = output_kd_terms(s_known, t_maps, kind=kind)
+    assert torch.allclose(mapped[2], plain[2], rtol=1e-6)
+    s_grad = [s.clone().requires_grad_(True) for s in s_maps]
+    sum(output_kd_terms(s_grad, t_maps, kind=kind, t_cls_index=index)).backward()
+    assert all(s.grad[..., 6].abs().max() == 0 and s.grad[..., 5].abs().max() > 0 for s in s_grad)
+
+
+def test_perturbing_unmapped_teacher_class_leaves_class_term():
+    s_maps, t_maps = _maps(16, nc=2), _maps(17, nc=3)
+    index = torch.tensor([0, 2])
+    perturbed = [t.clone() for t in t_maps]
+    for t in perturbed:
+        t[..., 6] += 5.0  # teacher class 1: no student counterpart
+    for kind in ("l2", "kl", "bce"):
+        a = output_kd_terms(s_maps, t_maps, kind=kind, t_cls_index=index, t_obj_scale=False)
+        b = output_kd_terms(s_maps, perturbed, kind=kind, t_cls_index=index, t_obj_scale=False)
+        assert torch.equal(a[2], b[2])
+
+
+def test_unmapped_class_object_lowers_objectness_weight():
+    # one cell: the teacher is sure of an object and puts most class mass on its class 1, which the student lacks
+    t = torch.tensor([0.1, -0.2, 0.3, 0.4, 4.0, -1.0, 3.0, -2.0]).view(1, 1, 1, 1, 8)
+    s = torch.zeros(1, 1, 1, 1, 7)
+    index = torch.tensor([0, 2])
+    sig = [_sig(v) for v in (-1.0, 3.0, -2.0)]
+    m = (sig[0] + sig[2]) / sum(sig)
+    assert class_mass_scale(t, index).item() == pytest.approx(m, rel=1e-6)
+    plain_box = output_kd_terms([s], [t], t_cls_index=index, t_obj_scale=False)[0]
+    scaled_box, scaled_obj, _ = output_kd_terms([s], [t], t_cls_index=index)
+    assert scaled_box.item() == pytest.approx(plain_box.item() * m, rel=1e-5)
+    p = _sig(4.0) * m  # obj target logit(p'), weighted by p'
+    assert scaled_obj.item() == pytest.approx((0 - math.log(p / (1 - p))) ** 2 * p, rel=1e-5)
+    _, bce_obj, _ = output_kd_terms([s], [t], kind="bce", t_cls_index=index)
+    assert bce_obj.item() == pytest.approx(math.log(2) * p, rel=1e-5)  # BCE(0 logit, p') = log 2
+
+
+def test_class_mass_scale_is_one_when_all_teacher_classes_mapped():
+    t = _maps(18)[0]
+    m = class_mass_scale(t, torch.tensor([2, 0, 1]))
+    assert m.shape == t.shape[:-1] and torch.allclose(m, torch.ones_like(m))
+
+
+def test_compute_kd_output_loss_wrapper():
+    s_maps, t_maps = _maps(19), _maps(20)
+    hyp = {"giou": 0.05, "obj": 1.0, "cls": 0.5, "kd": 2.0}
+    model = SimpleNamespace(hyp=hyp, nc=3)
+    for kind in ("l2", "kl"):
+        loss, items = compute_kd_output_loss(s_maps, t_maps, model, kd_loss_selected=kind, temperature=5)
+        box, obj, cls = output_kd_terms(s_maps, t_maps, kind=kind, temperature=5)
+        want = (box * 0.05 * 2 + obj * 1.0 * 2 + cls * 0.5 * 2) * 2  # bs = 2
+        assert loss.shape == (1,) and torch.allclose(loss, want.view(1))
+        assert items.shape == (4,) and not items.requires_grad
+        assert torch.allclose(items[3] * 2, want)
+    no_giou = SimpleNamespace(hyp={"obj": 1.0, "cls": 0.5}, nc=3)
+    loss, _ = compute_kd_output_loss(s_maps, t_maps, no_giou)
+    box, obj, cls = output_kd_terms(s_maps, t_maps)
+    assert torch.allclose(loss, ((box * 0.05 + obj + cls * 0.5) * 2).view(1))
+    with pytest.raises(ValueError, match="nc"):
+        compute_kd_output_loss(s_maps, t_maps, SimpleNamespace(hyp=hyp, nc=4))
+    with pytest.raises(ValueError, match="hyp"):
+        compute_kd_output_loss(s_maps, t_maps, SimpleNamespace(nc=3))
+
+
+def _feats(seed, c=4, h=3, w=5, bs=2):
+    return torch.randn(bs, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _at_reference(x):
+    """Per sample: mean over channels of x^2 at each position, divided by its L2 norm."""
+    bs, c, h, w = x.shape
+    out = []
+    for b in range(bs):
+        v = [sum(x[b, k, i, j].item() ** 2 for k in range(c)) / c for i in range(h) for j in range(w)]
+        norm = math.sqrt(sum(a * a for a in v))
+        out.append([a / norm for a in v])
+    return out
+
+
+def test_at_loss_matches_loop_and_allows_channel_mismatch():
+    s, t = _feats(0, c=4), _feats(1, c=6)
+    a_s, a_t = _at_reference(s), _at_reference(t)
+    n = len(a_s) * len(a_s[0])
+    want = sum((x - y) ** 2 for rs, rt in zip(a_s, a_t) for x, y in zip(rs, rt)) / n
+    assert at_loss(s, t).item() == pytest.approx(want, rel=1e-5)
+    mask = torch.rand(2, 3, 5, generator=torch.Generator().manual_seed(2))
+    flat = mask.flatten(1).tolist()
+    want_masked = sum((x - y) ** 2 * m for rs, rt, rm in zip(a_s, a_t, flat) for x, y, m in zip(rs, rt, rm)) / n
+    assert at_masked(s, t, mask).item() == pytest.approx(want_masked, rel=1e-5)
+
+
+def test_cwd_matches_per_channel_loop():
+    s, t, tau = _feats(3), _feats(4), 2.0
+    bs, c = s.shape[:2]
+    total = 0.0
+    for b in range(bs):
+        for k in range(c):
+            ps = torch.softmax(s[b, k].flatten().double() / tau, 0)
+            pt = torch.softmax(t[b, k].flatten().double() / tau, 0)
+            total += float((pt * (pt.log() - ps.log())).sum()) * tau ** 2
+    assert cwd_loss(s, t, tau=tau).item() == pytest.approx(total / (bs * c), rel=1e-5)
+
+
+def test_ft_and_mimic_match_definitions():
+    s, t = _feats(5), _feats(6)
+    def stat(x):  # per-channel mean of x^2, normalised per sample
+        v = [[float((x[b, k] ** 2).mean()) for k in range(x.shape[1])] for b in range(x.shape[0])]
+        return [[a / math.sqrt(sum(q * q for q in row)) for a in row] for row in v]
+    fs, fto = stat(s), stat(t)
+    want = sum((a - b) ** 2 for rs, rt in zip(fs, fto) for a, b in zip(rs, rt)) / (2 * 4)
+    assert ft_loss(s, t).item() == pytest.approx(want, rel=1e-5)
+    assert mimic_loss(s, t).item() == pytest.approx(float(((s - t) ** 2).sum()) / s.numel(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_LOSSES))
+def test_feature_losses_zero_on_equal_and_gradient_to_student_only(name):
+    fn = FEATURE_LOSSES[name]
+    extra = (torch.full((2, 3, 5), 0.25),) if name in NEEDS_MASK else ()
+    t = _feats(7).requires_grad_(True)
+    assert abs(fn(t.detach().clone(), t, *extra).item()) < 1e-6
+    s = _feats(8).requires_grad_(True)
+    loss = fn(s, t, *extra)
+    assert loss.dim() == 0 and loss.item() > 0
+    loss.backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_ADAPTER))
+def test_channel_mismatch_raises_with_adapter_hint(name):
+    with pytest.raises(ValueError, match="ChannelAdapter"):
+        FEATURE_LOSSES[name](_feats(0, c=4), _feats(1, c=6))
+
+
+def test_spatial_mismatch_raises():
+    with pytest.raises(ValueError, match="stride"):
+        at_loss(_feats(0, h=3), _feats(1, h=4))
+
+
+def test_feature_tables_are_read_only():
+    with pytest.raises(TypeError):
+        FEATURE_LOSSES["x"] = at_loss
+    assert {"ft", "cwd", "mimic"} == set(NEEDS_ADAPTER) and not {"at", "at_masked"} & NEEDS_ADAPTER
+
+
+def test_gt_mask_hand_case():
+    targets = torch.tensor([[1, 0, 0.5, 0.5, 0.5, 0.5],  # image 1: cells 2..5 in x and y
+                            [0, 3, 0.0, 0.0, 0.25, 0.25]])  # image 0: corner box, reaches into cell 0 only
+    mask = gt_mask(targets, bs=2, h=8, w=8, ratio=0.25)
+    want = torch.full((2, 8, 8), 0.25)
+    want[1, 2:6, 2:6] = 0.75
+    want[0, 0, 0] = 0.75
+    assert mask.shape == (2, 8, 8) and torch.equal(mask, want)
+    assert torch.equal(gt_mask(torch.zeros(0, 6), 3, 4, 4), torch.full((3, 4, 4), 0.25))
+
+
+def test_gt_mask_vectorised_equals_loop():
+    g = torch.Generator().manual_seed(9)
+    n, bs, h, w, ratio = 40, 3, 6, 10, 0.3
+    targets = torch.cat((torch.randint(0, bs, (n, 1), generator=g).float(), torch.zeros(n, 1),
+                         torch.rand(n, 2, generator=g) * 1.2 - 0.1, torch.rand(n, 2, generator=g) * 0.5), 1)
+    want = torch.full((bs, h, w), ratio)
+    for box in targets:
+        x0, x1 = (box[2] - box[4] / 2) * w, (box[2] + box[4] / 2) * w  # float32 arithmetic, as on the grid
+        y0, y1 = (box[3] - box[5] / 2) * h, (box[3] + box[5] / 2) * h
+        c0, c1 = max(math.floor(x0), 0), min(math.ceil(x1), w)
+        r0, r1 = max(math.floor(y0), 0), min(math.ceil(y1), h)
+        if c1 > c0 and r1 > r0:
+            want[int(box[0]), r0:r1, c0:c1] = 1 - ratio
+    assert torch.allclose(gt_mask(targets, bs, h, w, ratio=ratio), want)
+
+
+def test_gt_mask_rejects_bad_image_index():
+    with pytest.raises(ValueError, match="bs=2"):
+        gt_mask(torch.tensor([[2, 0, 0.5, 0.5, 0.1, 0.1]]), bs=2, h=4, w=4)

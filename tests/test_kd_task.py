@@ -1,0 +1,249 @@
+"""Distillation on the engine: frozen teacher, gradients, adapters, hooks, compatibility errors, KD runs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from copy import deepcopy
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+
+import train_kd
+from models.yolo import Model
+from tests.conftest import tiny_model_cfg
+from utils.checkpoint import build_checkpoint, save_checkpoint
+from utils.general import yaml_load
+from utils.kd.distiller import KDConfig
+from utils.kd.pairing import pair_layers
+from utils.kd.task import DistillationTask, check_teacher, load_teacher, teacher_class_index
+from utils.loss import scale_hyp_gains
+
+ROOT = Path(__file__).resolve().parents[1]
+HYP = yaml_load(ROOT / "data/hyps/hyp.scratch.yaml")
+
+
+def save_model(model, path, names=None):
+    model.names = list(names or model.names)
+    save_checkpoint(build_checkpoint(model), path)
+    return path
+
+
+def make_task(feat_losses=("at", "cwd", "mimic", "ft", "at_masked"), s_width=0.125, t_width=0.25, nc=3,
+              tmp_path=None):
+    student = Model(tiny_model_cfg(nc, s_width))
+    teacher_path = save_model(Model(tiny_model_cfg(nc, t_width)), tmp_path / "teacher.pt")
+    teacher = load_teacher(str(teacher_path), torch.device("cpu"))
+    check_teacher(student, teacher)
+    cfg = KDConfig(feat_losses=tuple(feat_losses))
+    pairs = pair_layers(student, teacher, imgsz=64) if feat_losses else []
+    task = DistillationTask(student, teacher, cfg, pairs)
+    student.hyp = scale_hyp_gains({**HYP, "label_smoothing": 0.0}, 3, nc, 64)
+    student.gr = 1.0
+    task.setup(SimpleNamespace(hyp=student.hyp))
+    return task
+
+
+def batch(nc=3):
+    imgs = torch.rand(2, 3, 64, 64)
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.4], [1, 2, 0.3, 0.6, 0.2, 0.2]])
+    return imgs, targets
+
+
+def test_every_kd_term_reaches_student_not_teacher(tmp_path):
+    task = make_task(tmp_path=tmp_path)
+    imgs, targets = batch()
+    task.on_epoch_start(0, 10)
+    loss, items = task.train_step(task.trainable, imgs, targets)
+    assert len(items) == len(task.loss_names) == 7
+    assert torch.all(items[3:] > 0), "every KD term is active"
+    # each KD term alone must produce gradient in the student and none in the teacher
+    preds, s_feats = task.trainable(imgs)
+    t_maps, t_feats = task.teacher_forward(imgs)
+    assert all(not t.requires_grad for t in t_maps + t_feats), "teacher forward builds no autograd graph"
+    feat = task.distiller.feature_loss(s_feats, t_feats, targets)
+    feat.backward()
+    grads = [p.grad for p in task.model.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in task.teacher.parameters())
+    assert all(not p.requires_grad for p in task.teacher.parameters())
+
+
+def test_adapters_are_trainable_and_in_the_optimizer(tmp_path):
+    from utils.engine import smart_optimizer
+
+    task = make_task(tmp_path=tmp_path)
+    adapters = task.distiller.adapters
+    assert len(adapters) > 0, "student 0.125 vs teacher 0.25 width: channel counts differ everywhere"
+    opt = smart_optimizer(task.trainable, "SGD", 0.01, 0.9, 5e-4)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(p) in in_opt for p in adapters.parameters())
+    imgs, targets = batch()
+    task.on_epoch_start(0, 10)
+    loss, _ = task.train_step(task.trainable, imgs, targets)
+    loss.backward()
+    assert all(p.grad is not None for p in adapters.parameters())
+
+
+def test_no_hooks_left_after_steps(tmp_path):
+    task = make_task(tmp_path=tmp_path)
+    imgs, targets = batch()
+    task.on_epoch_start(0, 10)
+    for _ in range(5):
+        task.train_step(task.trainable, imgs, targets)
+    for model in (task.model, task.teacher):
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    deepcopy(task.model)  # hooks holding closures would make this fail or leak
+
+
+def test_fused_teacher_matches_unfused(tmp_path):
+    model = Model(tiny_model_cfg(3, 0.25)).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+    path = save_model(model, tmp_path / "t.pt")
+    fused = load_teacher(str(path), torch.device("cpu"))
+    from utils.kd.recorder import FeatureRecorder
+
+    names = ["model.4", "model.9", "model.17", "model.23"]
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        with FeatureRecorder(model, names) as a:
+            ref = model(x)[1]
+        with FeatureRecorder(fused, names) as b:
+            out = fused(x)[1]
+    for r, o in zip(ref, out):
+        assert torch.allclose(r, o, atol=1e-4, rtol=1e-3)
+    for n in names:
+        assert torch.allclose(a.outputs[n], b.outputs[n], atol=1e-4, rtol=1e-3)
+
+
+def test_incompatible_teachers(tmp_path):
+    student = Model(tiny_model_cfg(3))
+    p6 = tiny_model_cfg(3)
+    p6["anchors"] = p6["anchors"][:2]
+    p6["head"][-1] = [[17, 20], 1, "Detect", ["nc", "anchors"]]
+    teacher = Model(p6)
+    with pytest.raises(ValueError, match="strides"):
+        check_teacher(student, teacher)
+    four = tiny_model_cfg(3)
+    four["anchors"] = [a + [50, 50] for a in four["anchors"]]
+    with pytest.raises(ValueError, match="anchors per level"):
+        check_teacher(student, Model(four))
+    with pytest.raises(ValueError, match="train a teacher on this dataset first"):
+        teacher_class_index(["a", "b", "c"], [str(i) for i in range(80)], data="x.yaml")
+
+
+def test_student_adopts_teacher_anchors():
+    student = Model(tiny_model_cfg(3))
+    cfg = tiny_model_cfg(3)
+    cfg["anchors"] = [[x * 2 for x in a] for a in cfg["anchors"]]
+    teacher = Model(cfg)
+    assert check_teacher(student, teacher) is True
+    assert torch.equal(student.model[-1].anchors, teacher.model[-1].anchors)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(shapes_data, tmp_path_factory):
+    nc = yaml_load(shapes_data)["nc"]
+    names = yaml_load(shapes_data)["names"]
+    root = tmp_path_factory.mktemp("teacher")
+    return save_model(Model(tiny_model_cfg(nc, 0.25)), root / "teacher.pt", names)
+
+
+def kd_args(data, cfg, teacher, project, **extra):
+    args = dict(data=str(data), cfg=str(cfg), weights="", imgsz=64, batch_size=8, epochs=1, workers=0,
+                project=str(project), name="kd", device="cpu", teacher_weight=str(teacher),
+                feat_loss=["at", "cwd"])
+    args.update(extra)
+    return args
+
+
+def test_kd_run_writes_kd_columns_and_usable_checkpoints(shapes_data, tiny_cfgs, teacher_ckpt, tmp_path):
+    import val
+
+    before = {k: v.clone() for k, v in load_teacher(str(teacher_ckpt), torch.device("cpu")).state_dict().items()}
+    seen = {}
+    original = DistillationTask.build.__func__
+
+    def spy(cls, model, trainer):
+        task = original(cls, model, trainer)
+        seen["task"] = task
+        return task
+
+    DistillationTask.build = classmethod(spy)
+    try:
+        opt = train_kd.run(**kd_args(shapes_data, tiny_cfgs["student"], teacher_ckpt, tmp_path, epochs=2))
+    finally:
+        DistillationTask.build = classmethod(original)
+    run = Path(opt.save_dir)
+    df = pd.read_csv(run / "results.csv")
+    df.columns = [c.strip() for c in df.columns]
+    assert list(df.columns)[-4:] == ["train/kd_box", "train/kd_obj", "train/kd_cls", "train/kd_feat"]
+    assert (df["train/kd_feat"] > 0).all()
+    after = seen["task"].teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "teacher weights/statistics moved"
+    assert not seen["task"].teacher.training
+    ckpt = torch.load(run / "weights/last.pt", weights_only=True)
+    assert "adapters" in ckpt and ckpt["adapters"], "adapters saved under their own key"
+    assert not any(k.startswith("adapters") for k in ckpt["model"]["state_dict"])
+    results, _, _ = val.run(data=str(shapes_data), weights=str(run / "weights/best.pt"), imgsz=64,
+                            batch_size=8, device="cpu", project=str(tmp_path), name="v", workers=0)
+    assert len(results) == 7
+    # a KD run's best.pt is itself a teacher
+    opt2 = train_kd.run(**kd_args(shapes_data, tiny_cfgs["student"], run / "weights/best.pt", tmp_path,
+                                  name="kd2", feat_loss=["none"]))
+    assert (Path(opt2.save_dir) / "weights/last.pt").exists()
+
+
+def test_no_kd_is_plain_training(shapes_data, tiny_cfgs, tmp_path):
+    opt = train_kd.run(**kd_args(shapes_data, tiny_cfgs["student"], "", tmp_path, kd=False))
+    df = pd.read_csv(Path(opt.save_dir) / "results.csv")
+    assert not any("kd" in c for c in df.columns)
+
+
+def test_kd_resume_restores_adapters(shapes_data, tiny_cfgs, teacher_ckpt, tmp_path):
+    opt = train_kd.run(**kd_args(shapes_data, tiny_cfgs["student"], teacher_ckpt, tmp_path, epochs=2,
+                                 kd_stop_epoch=5, feat_loss=["mimic"], nosave=False))
+    last = Path(opt.save_dir) / "weights/last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["epoch"] = 0  # pretend the run stopped after its first epoch
+    ckpt["optimizer"] = None
+    save_checkpoint(ckpt, last)
+    seen = {}
+    original = DistillationTask.load_state_dict
+
+    def spy(self, state):
+        original(self, state)
+        seen["adapters"] = {k: v.clone() for k, v in self.distiller.adapters.state_dict().items()}
+
+    DistillationTask.load_state_dict = spy
+    try:
+        train_kd.run(resume=str(last))
+    finally:
+        DistillationTask.load_state_dict = original
+    assert seen["adapters"].keys() == ckpt["adapters"].keys()
+    assert all(torch.equal(seen["adapters"][k], ckpt["adapters"][k]) for k in ckpt["adapters"])
+
+
+def test_kd_ddp_two_processes(shapes_data, tiny_cfgs, teacher_ckpt, tmp_path):
+    from tests.test_train import cli_args
+
+    args = kd_args(shapes_data, tiny_cfgs["student"], teacher_ckpt, tmp_path)
+    args.pop("feat_loss")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           str(ROOT / "train_kd.py"), *cli_args(args), "--feat_loss", "at", "mimic"]
+    out = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    df = pd.read_csv(tmp_path / "kd" / "results.csv")
+    assert len(df) == 1
+
+
+def test_teacher_required_message(shapes_data, tiny_cfgs, tmp_path):
+    with pytest.raises(ValueError, match="--teacher_weight"):
+        train_kd.run(**kd_args(shapes_data, tiny_cfgs["student"], "", tmp_path))

@@ -1,0 +1,56 @@
+"""Learned 1x1 channel adapters that map student feature channels onto the teacher's.
+
+Adapters train with the student (put their parameters in the optimizer, and create them before it), but they are
+not part of the student: keep them out of EMA and out of the saved student weights.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+
+class ChannelAdapter(nn.Module):
+    """1x1 convolution (no bias) + BatchNorm mapping (bs, c_in, h, w) to (bs, c_out, h, w).
+
+    Args:
+        c_in: student channels.
+        c_out: teacher channels.
+    """
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 1, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+        # linear gain with fan_in keeps the feature variance through the projection
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_in", nonlinearity="linear")
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def build_adapters(s_channels, t_channels, needed: bool = True) -> nn.ModuleDict:
+    """Adapters for layer pairs whose channel counts differ, keyed by pair index as a string ('0', '1', ...).
+
+    Args:
+        s_channels: student channels per pair, list[int].
+        t_channels: teacher channels per pair, list[int] of the same length.
+        needed: False for losses that compare across channel counts (e.g. attention transfer): nothing is built.
+
+    Returns:
+        nn.ModuleDict with a ChannelAdapter only at pairs with different counts (equal pairs have no entry).
+    """
+    s_channels, t_channels = list(s_channels), list(t_channels)
+    if len(s_channels) != len(t_channels):
+        raise ValueError(f"{len(s_channels)} student channel counts {s_channels} vs {len(t_channels)} teacher "
+                         f"counts {t_channels}; pass one count per layer pair on each side")
+    adapters = nn.ModuleDict()
+    if needed:
+        for i, (c_s, c_t) in enumerate(zip(s_channels, t_channels)):
+            if c_s != c_t:
+                adapters[str(i)] = ChannelAdapter(c_s, c_t)
+    return adapters
+
+
+def adapt(adapters: nn.ModuleDict, i: int, x):
+    """Student features x (bs, c_s, h, w) of pair i through its adapter, or x itself when the pair has none."""
+    key = str(i)
+    return adapters[key](x) if key in adapters else x

@@ -1,0 +1,331 @@
+"""Pure distillation losses: output-level KD on Detect maps and feature-level KD on (bs, c, h, w) maps.
+
+Every loss takes student tensors first and teacher tensors second, casts both to float32, detaches the teacher
+(gradient only ever reaches the student) and returns a scalar. Nothing here reads hyp, a model or a logger, except
+the compatibility wrapper :func:`compute_kd_output_loss`.
+
+Output KD follows Mehta & Ozturk ("Object detection at 200 frames per second"): the student imitates the
+teacher's raw logits, and every term is weighted by the teacher's objectness probability so the many background
+cells do not drown the few cells where the teacher sees an object.
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+
+import torch
+import torch.nn.functional as F
+
+from utils.torch_utils import de_parallel
+
+OUTPUT_KD_KINDS = ("l2", "kl", "bce")
+_MASKED_LOGIT = -1e4  # stands in for -inf in a masked softmax: exp() underflows to 0 without producing NaNs
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _raw_maps(pred):
+    """Train-mode Detect output (list of maps) from either a train-mode list or an eval-mode (decoded, maps)."""
+    if isinstance(pred, tuple) and len(pred) == 2 and isinstance(pred[1], (list, tuple)):
+        return pred[1]
+    return pred
+
+
+def _as_index(t_cls_index, nc_student, nc_teacher, device):
+    """Validate and move the student->teacher class index; returns (index (nc_s,), student mask (nc_s,) bool)."""
+    index = torch.as_tensor(t_cls_index, dtype=torch.long, device=device)
+    if index.shape != (nc_student,):
+        raise ValueError(f"t_cls_index has shape {tuple(index.shape)} but the student has {nc_student} classes; "
+                         f"build it with utils.kd.classmap.match_classes(student_names, teacher_names)")
+    if index.device.type == "cpu" and len(index) and not -1 <= int(index.min()) <= int(index.max()) < nc_teacher:
+        raise ValueError(f"t_cls_index values must lie in [-1, {nc_teacher - 1}] (the teacher has {nc_teacher} "
+                         f"classes), got min {int(index.min())} max {int(index.max())}")
+    return index, index >= 0
+
+
+def _teacher_class_mask(index, student_mask, nc_teacher):
+    """(nc_t,) float: 1 for teacher channels some student class maps to, else 0."""
+    hits = torch.zeros(nc_teacher, device=index.device)
+    hits.index_add_(0, index.clamp(min=0), student_mask.float())  # unmapped students add 0 at channel 0
+    return hits.clamp_(max=1.0)
+
+
+def class_mass_scale(t_maps_level, t_cls_index):
+    """Share of the teacher's class probability that falls on classes the student also has.
+
+    ``m = sum_{c mapped} sigmoid(t_c) / sum_c sigmoid(t_c)``, with c over the teacher's classes. Sigmoid mass, not
+    softmax, because YOLOv5 scores classes with independent sigmoids. An object the teacher calls a class the student
+    does not know gets m near 0, so multiplying the teacher's objectness by m stops it from teaching that object.
+
+    Args:
+        t_maps_level: teacher raw map of one level, (bs, na, ny, nx, 5 + nc_teacher).
+        t_cls_index: LongTensor (nc_student,), teacher channel per student class, -1 where none.
+
+    Returns:
+        m: (bs, na, ny, nx) float32 in [0, 1].
+    """
+    t = t_maps_level.detach().float()
+    nc_teacher = t.shape[-1] - 5
+    index = torch.as_tensor(t_cls_index, dtype=torch.long, device=t.device)
+    return _mass(t[..., 5:], _teacher_class_mask(index, index >= 0, nc_teacher))
+
+
+def _mass(t_cls, teacher_mask):
+    p = t_cls.sigmoid()  # (bs, na, ny, nx, nc_t)
+    return (p @ teacher_mask) / p.sum(-1).clamp(min=_TINY)
+
+
+def _scaled_logit(t_obj, m):
+    """logit(sigmoid(t_obj) * m) in log space: stable for large |t_obj| and exactly t_obj where m == 1."""
+    m = m.clamp(1e-12, 1.0)
+    log_q = F.logsigmoid(-t_obj)  # log(1 - p)
+    log_rest = torch.logaddexp(log_q, F.logsigmoid(t_obj) + torch.log1p(-m))  # log(1 - p * m)
+    return t_obj + m.log() + log_q - log_rest
+
+
+def _class_elements(kind, s_cls, t_cls, temperature, student_mask):
+    """Per-element class loss (bs, na, ny, nx, nc_s) before objectness weighting."""
+    if kind == "kl":
+        s_cls, t_cls = s_cls / temperature, t_cls / temperature
+        if student_mask is not None:  # softmax over the mapped classes only
+            s_cls = s_cls.masked_fill(~student_mask, _MASKED_LOGIT)
+            t_cls = t_cls.masked_fill(~student_mask, _MASKED_LOGIT)
+        # log_target form equals KLDiv(log_softmax(s/T), softmax(t/T)) and avoids 0 * log 0
+        kl = F.kl_div(F.log_softmax(s_cls, -1), F.log_softmax(t_cls, -1), reduction="none", log_target=True)
+        return kl * temperature ** 2
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(s_cls, t_cls.sigmoid(), reduction="none")
+    return (s_cls - t_cls).square()
+
+
+def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask):
+    """(box, obj, cls) scalars for one level; index/masks are None without class mapping."""
+    s, t = s.float(), t.detach().float()
+    t_obj = t[..., 4]  # (bs, na, ny, nx)
+    if teacher_mask is not None:
+        m = _mass(t[..., 5:], teacher_mask)
+        w = torch.sigmoid(t_obj) * m
+        obj_target = w if kind == "bce" else _scaled_logit(t_obj, m)
+    else:
+        w = torch.sigmoid(t_obj)
+        obj_target = w if kind == "bce" else t_obj
+    # box stays MSE on raw xywh logits for every kind: they are regression outputs, not probabilities
+    box = ((s[..., :4] - t[..., :4]).square() * w[..., None]).mean()
+    if kind == "bce":
+        obj = (F.binary_cross_entropy_with_logits(s[..., 4], obj_target, reduction="none") * w).mean()
+    else:
+        obj = ((s[..., 4] - obj_target).square() * w).mean()
+    t_cls = t[..., 5:] if index is None else t[..., 5:].index_select(-1, index.clamp(min=0))
+    elements = _class_elements(kind, s[..., 5:], t_cls, temperature, student_mask) * w[..., None]
+    if student_mask is None:
+        cls = elements.mean()
+    else:  # average over mapped classes only, so the term's scale does not shrink with fewer matches
+        keep = student_mask.float()
+        cls = (elements * keep).sum() / (w.numel() * keep.sum().clamp(min=1))
+    return box, obj, cls
+
+
+def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=None, t_obj_scale=None):
+    """Objectness-weighted output distillation, summed over detection levels.
+
+    Per level with w = sigmoid(t_obj): box = mean((s_xywh - t_xywh)^2 * w); obj = mean((s_obj - t_obj)^2 * w);
+    cls = mean((s_cls - t_cls)^2 * w) for 'l2', mean(KL(softmax(t_cls/T) || softmax(s_cls/T)) * T^2 * w) per
+    element for 'kl', mean(BCE(s_cls, sigmoid(t_cls)) * w) for 'bce'. 'bce' also takes obj as
+    BCE(s_obj, sigmoid(t_obj)) * w; box is MSE for every kind. BCE terms bottom out at the teacher's entropy, not 0.
+
+    Class mapping (teacher trained on other classes): student class k learns from teacher channel t_cls_index[k];
+    classes with -1 get no class KD and the class mean runs over mapped classes only. Objectness scaling: with
+    m = :func:`class_mass_scale`, p' = sigmoid(t_obj) * m replaces the teacher's objectness everywhere (w = p', the
+    'l2' obj target is logit(p'), the 'bce' obj target is p'), so objects of teacher-only classes teach nothing.
+
+    Args:
+        s_maps: student raw maps, list of (bs, na, ny, nx, 5 + nc_s) logits (train-mode Detect output).
+        t_maps: teacher raw maps, same shapes except the last dim 5 + nc_t; an eval-mode (decoded, maps) works too.
+        kind: 'l2', 'kl' or 'bce'.
+        temperature: softmax temperature T of 'kl'.
+        t_cls_index: None (same classes; exact plain formulas) or LongTensor (nc_s,) teacher channel per student
+            class, -1 where none (see utils.kd.classmap.match_classes). Pass it on the maps' device.
+        t_obj_scale: objectness scaling on/off; None scales whenever t_cls_index is given. Pass False when every
+            teacher class is mapped (utils.kd.classmap.needs_obj_scaling) to skip work that would multiply by 1.
+
+    Returns:
+        (box, obj, cls): float32 scalars.
+    """
+    t_maps = _raw_maps(t_maps)
+    if kind not in OUTPUT_KD_KINDS:
+        raise ValueError(f"unknown output KD kind '{kind}'; choose one of {', '.join(OUTPUT_KD_KINDS)}")
+    if len(s_maps) != len(t_maps):
+        raise ValueError(f"student has {len(s_maps)} detection levels, teacher {len(t_maps)}; they must match")
+    nc_s, nc_t = s_maps[0].shape[-1] - 5, t_maps[0].shape[-1] - 5
+    index = student_mask = teacher_mask = None
+    if t_cls_index is not None:
+        index, student_mask = _as_index(t_cls_index, nc_s, nc_t, s_maps[0].device)
+        if t_obj_scale is None or t_obj_scale:
+            teacher_mask = _teacher_class_mask(index, student_mask, nc_t)
+    elif nc_s != nc_t:
+        raise ValueError(f"student has {nc_s} classes, teacher {nc_t}: pass t_cls_index (match_classes) or a "
+                         f"--class_map file to say which teacher class teaches which student class")
+    terms = []
+    for s, t in zip(s_maps, t_maps):
+        if s.shape[:-1] != t.shape[:-1]:
+            raise ValueError(f"student map {tuple(s.shape)} and teacher map {tuple(t.shape)} differ before the "
+                             f"class dim; anchors per level, strides and input size must match")
+        terms.append(_level_terms(s, t, kind, temperature, index, student_mask, teacher_mask))
+    box, obj, cls = (sum(parts) for parts in zip(*terms))
+    return box, obj, cls
+
+
+def compute_kd_output_loss(pred, teacher_pred, model, kd_loss_selected="l2", temperature=20):
+    """Compatibility wrapper with the gains of the original KD experiments.
+
+    Reads ``model.hyp`` gains: 'giou' (falls back on 'box', then 0.05), 'obj', 'cls' and 'kd' (default 1.0), and
+    ``model.nc`` (the student's classes; the teacher must have the same, else use output_kd_terms with t_cls_index).
+
+    Args:
+        pred: student raw maps, list of (bs, na, ny, nx, 5 + nc).
+        teacher_pred: teacher raw maps (or its eval-mode (decoded, maps)).
+        model: the student (DP/DDP wrappers are unwrapped).
+        kd_loss_selected: 'l2' or 'kl' ('bce' is accepted too).
+        temperature: 'kl' temperature.
+
+    Returns:
+        loss: (1,) tensor, (box*giou + obj*obj_gain + cls*cls_gain) * kd * bs.
+        loss_items: (4,) detached tensor: the three weighted terms and their sum, per image (no bs factor).
+    """
+    model = de_parallel(model)
+    hyp = getattr(model, "hyp", None)
+    if not hyp or "obj" not in hyp or "cls" not in hyp:
+        raise ValueError("model.hyp with 'obj' and 'cls' gains is required; set model.hyp = hyp before training")
+    nc = model.nc
+    if pred[0].shape[-1] != nc + 5:
+        raise ValueError(f"student maps end in {pred[0].shape[-1]} channels but model.nc={nc} needs {nc + 5}")
+    box, obj, cls = output_kd_terms(pred, teacher_pred, kind=kd_loss_selected, temperature=temperature)
+    kd = hyp.get("kd", 1.0)
+    box = box * hyp.get("giou", hyp.get("box", 0.05)) * kd
+    obj = obj * hyp["obj"] * kd
+    cls = cls * hyp["cls"] * kd
+    total = box + obj + cls
+    bs = pred[0].shape[0]
+    return (total * bs).reshape(1), torch.stack((box, obj, cls, total)).detach()
+
+
+def _check_spatial(s, t, name):
+    if s.dim() != 4 or t.dim() != 4 or s.shape[0] != t.shape[0] or s.shape[2:] != t.shape[2:]:
+        raise ValueError(f"{name}: student {tuple(s.shape)} and teacher {tuple(t.shape)} must both be (bs, c, h, w) "
+                         f"with equal bs, h, w; pair layers of the same stride")
+
+
+def _check_same(s, t, name):
+    _check_spatial(s, t, name)
+    if s.shape[1] != t.shape[1]:
+        raise ValueError(f"{name}: student has {s.shape[1]} channels, teacher {t.shape[1]}; map the student through "
+                         f"a ChannelAdapter({s.shape[1]}, {t.shape[1]}) (utils.kd.adapters.build_adapters)")
+
+
+def at(x):
+    """Attention map: per-position mean of x^2 over channels, L2-normalised per sample.
+
+    Args:
+        x: (bs, c, h, w). Returns (bs, h * w) float32.
+    """
+    return F.normalize(x.float().pow(2).mean(1).flatten(1))
+
+
+def at_loss(s, t):
+    """Attention transfer (Zagoruyko & Komodakis): mean((at(s) - at(t))^2).
+
+    Channel counts may differ (the map averages over channels), so AT needs no adapter; h, w must match.
+
+    Args:
+        s: student features (bs, c_s, h, w); t: teacher features (bs, c_t, h, w). Returns a scalar.
+    """
+    _check_spatial(s, t, "at")
+    return (at(s) - at(t.detach())).square().mean()
+
+
+def at_masked(s, t, mask):
+    """Attention transfer with each position's squared error weighted by ``mask`` (see :func:`gt_mask`).
+
+    Args:
+        s: (bs, c_s, h, w); t: (bs, c_t, h, w); mask: (bs, h, w). Returns a scalar.
+    """
+    _check_spatial(s, t, "at_masked")
+    if mask.shape != (s.shape[0], *s.shape[2:]):
+        raise ValueError(f"at_masked: mask {tuple(mask.shape)} must be (bs, h, w) = "
+                         f"{(s.shape[0], *s.shape[2:])}; build it with gt_mask(targets, bs, h, w)")
+    return ((at(s) - at(t.detach())).square() * mask.flatten(1).float()).mean()
+
+
+def gt_mask(targets, bs, h, w, ratio=0.25, device=None):
+    """Weight map: 1 - ratio on grid cells overlapped by a ground-truth box, ratio elsewhere.
+
+    Built without a per-box loop: each box adds +1/-1 at its four corners of a (bs, h + 1, w + 1) difference array;
+    two cumulative sums give how many boxes cover each cell. Memory is O(n + bs * h * w).
+
+    Args:
+        targets: (n, 6) YOLOv5 targets [image, class, xc, yc, w, h], coordinates normalised to 0-1.
+        bs, h, w: batch size and grid size of the feature map.
+        ratio: weight of background cells.
+        device: output device (default: that of targets).
+
+    Returns:
+        (bs, h, w) float32 mask.
+    """
+    device = targets.device if device is None else device
+    t = targets.detach().to(device=device, dtype=torch.float32)
+    counts = torch.zeros(bs, h + 1, w + 1, device=device)
+    if len(t):
+        img = t[:, 0].long()
+        if img.device.type == "cpu" and not 0 <= int(img.min()) <= int(img.max()) < bs:
+            raise ValueError(f"targets name images {int(img.min())}..{int(img.max())} but bs={bs}")
+        c0, c1 = _cell_span(t[:, 2], t[:, 4], w)
+        r0, r1 = _cell_span(t[:, 3], t[:, 5], h)
+        one = ((c1 > c0) & (r1 > r0)).float()  # boxes covering no cell add nothing
+        rows, cols = torch.cat((r0, r0, r1, r1)), torch.cat((c0, c1, c0, c1))
+        counts.index_put_((img.repeat(4), rows, cols), torch.cat((one, -one, -one, one)), accumulate=True)
+    covered = counts.cumsum(1).cumsum(2)[:, :h, :w] > 0.5  # (bs, h, w)
+    return torch.where(covered, 1.0 - ratio, ratio).float()
+
+
+def _cell_span(centre, size, cells):
+    """First cell and one-past-last cell (n,) long overlapped by [centre - size/2, centre + size/2] * cells."""
+    start = ((centre - size / 2) * cells).floor().long().clamp(0, cells)
+    end = ((centre + size / 2) * cells).ceil().long().clamp(0, cells)
+    return start, end
+
+
+def ft(x):
+    """Channel statistic: per-channel mean of x^2 over positions, L2-normalised per sample. (bs, c) float32."""
+    return F.normalize(x.float().pow(2).mean((2, 3)))
+
+
+def ft_loss(s, t):
+    """MSE between :func:`ft` of student and teacher. s, t: (bs, c, h, w) with equal c (adapt first)."""
+    _check_same(s, t, "ft")
+    return F.mse_loss(ft(s), ft(t.detach()))
+
+
+def cwd_loss(s, t, tau=1.0):
+    """Channel-wise distillation (Shu et al., ICCV 2021).
+
+    Each channel becomes a distribution over its h * w positions (softmax at temperature tau);
+    loss = sum over positions of KL(teacher || student) * tau^2, averaged over bs * c.
+
+    Args:
+        s, t: (bs, c, h, w) with equal c (adapt first). Returns a scalar.
+    """
+    _check_same(s, t, "cwd")
+    bs, c = s.shape[:2]
+    log_s = F.log_softmax(s.float().flatten(2) / tau, -1)  # (bs, c, h*w)
+    log_t = F.log_softmax(t.detach().float().flatten(2) / tau, -1)
+    return F.kl_div(log_s, log_t, reduction="sum", log_target=True) * tau ** 2 / (bs * c)
+
+
+def mimic_loss(s, t):
+    """Feature imitation: mean squared error between (adapted) student and teacher features (bs, c, h, w)."""
+    _check_same(s, t, "mimic")
+    return F.mse_loss(s.float(), t.detach().float())
+
+
+FEATURE_LOSSES = MappingProxyType({"at": at_loss, "at_masked": at_masked, "ft": ft_loss, "cwd": cwd_loss,
+                                   "mimic": mimic_loss})
+NEEDS_ADAPTER = frozenset({"ft", "cwd", "mimic"})  # compare channels one to one: counts must match
+NEEDS_MASK = frozenset({"at_masked"})  # called as fn(s, t, gt_mask(...)); the others as fn(s, t)
