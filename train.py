@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 import torch.distributed as dist  # noqa: E402
 
 from utils.engine import DetectionTask, Trainer, distributed_env  # noqa: E402
-from utils.general import LOGGER, get_latest_run, increment_path, print_args, set_logging, yaml_load, yaml_save  # noqa: E402
+from utils.general import LOGGER, find_file, get_latest_run, increment_path, print_args, set_logging, yaml_load, yaml_save  # noqa: E402
 from utils.loggers import RunLogger  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
 
@@ -111,7 +111,13 @@ def prepare_run(opt: argparse.Namespace, parser=None):
             torch.cuda.set_device(local_rank)
             device = torch.device("cuda", local_rank)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    hyp = yaml_load(opt.hyp) if isinstance(opt.hyp, (str, Path)) else dict(opt.hyp)
+    if isinstance(opt.hyp, (str, Path)):
+        hyp_file = find_file(opt.hyp)
+        if not hyp_file.is_file():
+            raise FileNotFoundError(f"--hyp {opt.hyp} not found; pass a file like data/hyps/hyp.scratch.yaml")
+        hyp = yaml_load(hyp_file)
+    else:
+        hyp = dict(opt.hyp)
     if rank in (-1, 0):
         save_dir = Path(opt.save_dir)
         (save_dir / "weights").mkdir(parents=True, exist_ok=True)
