@@ -253,17 +253,13 @@ class Trainer:
             self.train_loader, self.dataset = create_dataloader(
                 self.data["train"], self.imgsz, self.batch_size, self.gs, opt.single_cls, hyp=self.hyp,
                 augment=True, cache=opt.cache or None, rect=opt.rect, rank=self.local_rank,
-                workers=opt.workers, prefix=colorstr("train: "), shuffle=not opt.rect, seed=opt.seed)
-        labels = np.concatenate(self.dataset.labels, 0) if len(self.dataset.labels) else np.zeros((0, 5))
-        if len(labels) and labels[:, 0].max() >= self.nc:
-            raise ValueError(f"label class {int(labels[:, 0].max())} exceeds nc={self.nc} in {opt.data}; "
-                             f"fix the labels or the dataset YAML's nc/names")
+                workers=opt.workers, prefix=colorstr("train: "), shuffle=not opt.rect, seed=opt.seed, nc=self.nc)
         self.val_loader = None
         if self.main:
             self.val_loader = create_dataloader(
                 self.data["val"], self.imgsz, self.batch_size * 2, self.gs, opt.single_cls, hyp=self.hyp,
                 cache=None if opt.noval else (opt.cache or None), rect=True, rank=-1, workers=opt.workers * 2,
-                pad=0.5, prefix=colorstr("val: "), seed=opt.seed)[0]
+                pad=0.5, prefix=colorstr("val: "), seed=opt.seed, nc=self.nc)[0]
         self.nb = len(self.train_loader)
 
 
