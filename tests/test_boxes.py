@@ -9,15 +9,6 @@ from utils.boxes import (bbox_iou, box_iou, clip_coords, non_max_suppression, sc
                          xywhn2xyxy, xyxy2xywh, xyxy2xywhn)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU they oversubscribe badly."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_conversions_hand_values_and_round_trips():
     xyxy = torch.tensor([[10.0, 20.0, 50.0, 100.0], [0.0, 0.0, 4.0, 2.0]])
     xywh = torch.tensor([[30.0, 60.0, 40.0, 80.0], [2.0, 1.0, 4.0, 2.0]])

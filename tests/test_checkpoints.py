@@ -26,15 +26,6 @@ from utils.torch_utils import ModelEMA
 IMG = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one torch thread is much faster than two when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def cfg():
     """yolov5n layout, 3 classes, narrower still so every build and forward is quick."""

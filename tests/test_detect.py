@@ -13,15 +13,6 @@ if not hasattr(experimental, "attempt_load"):
 detect = pytest.importorskip("detect")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CPU is shared with other jobs; extra torch threads only add contention at these tiny sizes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def weights(one_thread, tmp_path_factory):
     """A 2-class yolov5n at width 1/8, saved through the project's checkpoint API."""

@@ -5,22 +5,13 @@ import pytest
 import torch
 
 from models.yolo import Model
-from utils.general import make_divisible, yaml_load
+from utils.general import make_divisible
 from utils.kd.pairing import kd_layer_names, pair_layers, probe_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"n": 0.25, "s": 0.50, "m": 0.75, "l": 1.0}  # width multiples of the YAMLs
 BACKBONE_WIDTHS = (128, 256, 512, 1024)  # YAML channels of the last backbone layer at strides 4, 8, 16, 32
 NECK_WIDTHS = (256, 512, 1024)  # YAML channels of the layers feeding Detect
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,6 @@ from models.yolo import Model
 from utils.kd.recorder import FeatureRecorder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return Model("models/yolov5n.yaml", nc=3).eval()

@@ -12,15 +12,6 @@ HYP = dict(box=0.05, obj=1.0, cls=0.5, cls_pw=1.0, obj_pw=1.0, anchor_t=4.0, fl_
 LOG2 = math.log(2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU they oversubscribe badly."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _tiny_model(nc):
     torch.manual_seed(0)
     cfg = yaml_load("models/yolov5n.yaml")

@@ -6,15 +6,6 @@ import torch
 from utils.metrics import ConfusionMatrix, ap_per_class, compute_ap, fitness
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU they oversubscribe badly."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _trapezoid_101(f):
     """Trapezoid rule over x = 0, 0.01, ..., 1 for a Python function f, written out."""
     xs = [i / 100 for i in range(101)]

@@ -13,15 +13,6 @@ IOUV = torch.linspace(0.5, 0.95, 10)
 CEILING = 0.995  # YOLOv5's 101-point AP of a perfect curve, see tests/test_metrics.py
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU they oversubscribe badly."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_process_batch_matches_once_by_confidence_order_like_v60():
     labels = torch.tensor([[0, 0.0, 0.0, 10.0, 10.0], [1, 20.0, 20.0, 30.0, 30.0]])
     detections = torch.tensor([

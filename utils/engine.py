@@ -16,9 +16,7 @@ from __future__ import annotations
 import math
 import os
 import random
-import time
 from contextlib import contextmanager
-from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +25,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from utils.general import LOGGER, check_img_size, colorstr, yaml_save
-from utils.torch_utils import ModelEMA, de_parallel, init_seeds
+from utils.general import LOGGER, check_img_size, colorstr
+from utils.torch_utils import ModelEMA, init_seeds
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run is stopped
 

@@ -349,7 +349,7 @@ def plot_labels(labels, names=(), save_dir=Path("")) -> Path | None:
     return out
 
 
-def read_results_csv(file) -> "pandas.DataFrame":  # noqa: F821 - pandas is imported lazily
+def read_results_csv(file):
     """Load a results.csv with header whitespace stripped and every column numeric (bad cells -> NaN)."""
     import pandas as pd
 
