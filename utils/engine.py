@@ -172,7 +172,7 @@ class Trainer:
         self.nc = 1 if opt.single_cls else int(self.data["nc"])
         self.names = ["item"] if opt.single_cls and len(self.data["names"]) != 1 else list(self.data["names"])
         self.ckpt = self._load_start_checkpoint()
-        self.model = self._build_model().to(device)
+        self.model = self._sync_batchnorm(self._build_model()).to(device)
         self._freeze_layers()
         self.gs = max(int(self.model.stride.max()), 32)
         self.imgsz = check_img_size(opt.imgsz, self.gs, floor=self.gs * 2)
@@ -222,6 +222,16 @@ class Trainer:
         model.load_state_dict(state, strict=False)
         LOGGER.info(f"Transferred {len(state)}/{len(own)} items from {opt.weights}")
         return model
+
+    def _sync_batchnorm(self, model: nn.Module) -> nn.Module:
+        """--sync-bn: BatchNorm statistics over all GPUs (DDP on CUDA only)."""
+        if not self.opt.sync_bn:
+            return model
+        if not self.cuda or self.rank == -1:
+            LOGGER.warning("WARNING: --sync-bn needs DDP on CUDA (torchrun with several GPUs); ignoring it")
+            return model
+        LOGGER.info("Using SyncBatchNorm()")
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     def _freeze_layers(self) -> None:
         freeze = list(self.opt.freeze or [0])
