@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     """train.py's flags (YOLOv5 v6.0 names); train_kd.py extends this parser."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=str, default="", help="initial weights path ('' trains from scratch)")
-    p.add_argument("--cfg", type=str, default="models/yolov5s.yaml", help="model.yaml path")
+    p.add_argument("--cfg", type=str, default="", help="model.yaml path ('' with no --weights: yolov5s.yaml)")
     p.add_argument("--data", type=str, default="data/shapes.yaml", help="dataset.yaml path")
     p.add_argument("--hyp", type=str, default="data/hyps/hyp.scratch.yaml", help="hyperparameters path")
     p.add_argument("--epochs", type=int, default=300)

@@ -166,7 +166,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.wdir = self.save_dir / "weights"
         self.last, self.best = self.wdir / "last.pt", self.wdir / "best.pt"
-        init_seeds(opt.seed + 1 + max(self.rank, 0), deterministic=True)
+        init_seeds(opt.seed + 1 + max(self.rank, 0), deterministic=not self.cuda)  # cuDNN: speed over bits
         with rank_zero_first(self.rank):
             self.data = check_dataset(opt.data)
         self.nc = 1 if opt.single_cls else int(self.data["nc"])
@@ -210,8 +210,8 @@ class Trainer:
         anchors = None  # the YAML's anchors; AutoAnchor or a KD teacher may replace them later
         if ckpt is None:
             if not opt.cfg:
-                raise ValueError("no model given: pass --cfg models/yolov5s.yaml or --weights a checkpoint")
-            return Model(opt.cfg, ch=3, nc=self.nc, anchors=anchors)
+                LOGGER.info("no --cfg or --weights given: training models/yolov5s.yaml from scratch")
+            return Model(opt.cfg or "yolov5s.yaml", ch=3, nc=self.nc, anchors=anchors)
         cfg = opt.cfg or ckpt["model"]["yaml"]
         model = Model(cfg, ch=3, nc=self.nc, anchors=anchors)
         source = ckpt["model"]["state_dict"]
