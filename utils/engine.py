@@ -177,7 +177,7 @@ class Trainer:
         self.gs = max(int(self.model.stride.max()), 32)
         self.imgsz = check_img_size(opt.imgsz, self.gs, floor=self.gs * 2)
         self.batch_size = opt.batch_size // self.world_size
-        self.nbs = 64  # nominal batch size: gradients accumulate up to it
+        self.nbs = int(hyp.get("nbs", 64))  # nominal batch size: gradients accumulate up to it
         self.accumulate = max(round(self.nbs / opt.batch_size), 1)
         self.hyp = self._scaled_hyp(hyp)
         self._build_loaders()
