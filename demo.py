@@ -25,15 +25,16 @@ from utils.datasets import check_dataset  # noqa: E402
 from utils.general import LOGGER, colorstr, set_logging  # noqa: E402
 
 RECIPE = dict(  # the default recipe; chosen on the bundled data only
-    data="data/shapes.yaml", imgsz=128, batch_size=16, teacher_cfg="models/yolov5s.yaml",
-    student_cfg="models/yolov5n.yaml", teacher_epochs=30, student_epochs=20, kd_loss="l2", alpha=1.0,
-    beta=1.0, feat_loss=("none",),
+    data="data/shapes.yaml", hyp="data/hyps/hyp.demo.yaml", imgsz=128, batch_size=16,
+    teacher_cfg="models/yolov5s.yaml", student_cfg="models/yolov5n.yaml", teacher_epochs=20, student_epochs=15,
+    kd_loss="l2", alpha=10.0, beta=1.0, feat_loss=("at",),
 )
 
 
 def parse_opt(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=RECIPE["data"])
+    p.add_argument("--hyp", default=RECIPE["hyp"])
     p.add_argument("--imgsz", type=int, default=RECIPE["imgsz"])
     p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
     p.add_argument("--teacher-cfg", default=RECIPE["teacher_cfg"])
@@ -53,7 +54,7 @@ def parse_opt(argv=None) -> argparse.Namespace:
 
 
 def common_args(opt, epochs: int) -> dict:
-    return dict(data=opt.data, imgsz=opt.imgsz, batch_size=opt.batch_size, epochs=epochs, weights="",
+    return dict(data=opt.data, hyp=opt.hyp, imgsz=opt.imgsz, batch_size=opt.batch_size, epochs=epochs, weights="",
                 workers=opt.workers, device=opt.device, project=opt.project, exist_ok=True, seed=opt.seed,
                 noval=True)
 

@@ -8,7 +8,7 @@ from utils.engine import DetectionTask
 from utils.general import LOGGER, colorstr
 from utils.kd.classmap import check_overlap, format_mapping_table, load_class_map, match_classes, needs_obj_scaling
 from utils.kd.distiller import Distiller, KDConfig, KDStudent
-from utils.kd.losses import output_kd_terms
+from utils.kd.losses import NEEDS_ADAPTER, output_kd_terms
 from utils.kd.pairing import pair_layers
 from utils.kd.recorder import FeatureRecorder
 
@@ -166,7 +166,10 @@ class DistillationTask(DetectionTask):
         teacher = load_teacher(opt.teacher_weight, trainer.device)
         index = teacher_class_index(trainer.names, teacher.names, cfg.class_map, opt.data)
         check_teacher(model, teacher)
-        pairs = pair_layers(model, teacher, cfg.s_layers, cfg.t_layers, imgsz=trainer.gs * 2) \
+        # adapter losses pair the 3 Detect inputs only: an adapter per backbone stage as well would cost ~15% of
+        # a student forward; adapter-free losses (at, at_masked) also use the 4 backbone stages
+        groups = ("neck",) if any(f in NEEDS_ADAPTER for f in cfg.feat_losses) else ("backbone", "neck")
+        pairs = pair_layers(model, teacher, cfg.s_layers, cfg.t_layers, imgsz=trainer.gs * 2, groups=groups) \
             if cfg.feat_losses else []
         for p in pairs:
             LOGGER.info(f"{colorstr('KD pair: ')}student {p.s_name} ({p.s_channels} ch) <- teacher {p.t_name} "
