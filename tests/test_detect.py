@@ -14,7 +14,7 @@ detect = pytest.importorskip("detect")
 
 
 @pytest.fixture(scope="module")
-def weights(one_thread, tmp_path_factory):
+def weights(tmp_path_factory):
     """A 2-class yolov5n at width 1/8, saved through the project's checkpoint API."""
     from models.yolo import Model
 
