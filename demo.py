@@ -4,7 +4,7 @@ One command trains a teacher (reused when its run already exists), then the stud
 distillation under identical settings and seed, prints the three models' mAPs and the share of the teacher-student
 gap that distillation closed, and writes a comparison plot of the two student runs:
 
-    python demo.py                      # default recipe, about 20 minutes on a 2-core CPU
+    python demo.py                      # default recipe (see RECIPE below)
     python demo.py --seed 1             # another seed
     python demo.py --student-epochs 3   # a quick smoke run (numbers meaningless)
 """
@@ -24,7 +24,11 @@ import train_kd  # noqa: E402
 from utils.datasets import check_dataset  # noqa: E402
 from utils.general import LOGGER, colorstr, set_logging  # noqa: E402
 
-RECIPE = dict(  # the default recipe; chosen on the bundled data only
+# The default recipe, chosen on the bundled data only. Measured so far (2-core CPU shared with other jobs, one torch
+# thread per run): teacher yolov5s 20 epochs mAP@.5 0.063; yolov5n 15 epochs mAP@.5 0.012 / 0.005 alone and
+# 0.009 / 0.005 with KD for seeds 0 / 1. At this schedule every model is still in YOLOv5's slow from-scratch phase
+# and the KD gain is within seed noise: the recipe is not settled yet.
+RECIPE = dict(
     data="data/shapes.yaml", hyp="data/hyps/hyp.demo.yaml", imgsz=128, batch_size=16,
     teacher_cfg="models/yolov5s.yaml", student_cfg="models/yolov5n.yaml", teacher_epochs=20, student_epochs=15,
     kd_loss="l2", alpha=10.0, beta=1.0, feat_loss=("at",),
