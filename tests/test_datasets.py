@@ -11,6 +11,7 @@ import yaml
 from torch.utils.data import DistributedSampler
 
 from utils.datasets import LoadImagesAndLabels, check_dataset, create_dataloader, img2label_paths
+from tests.test_augmentations import iou, pixel_boxes
 
 COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255],
                     [255, 128, 0], [128, 0, 255]], dtype=np.uint8)  # BGR, one per class
@@ -49,16 +50,6 @@ def to_bgr(im_tensor):
     return np.ascontiguousarray(im_tensor.permute(1, 2, 0).numpy()[:, :, ::-1])
 
 
-def pixel_boxes(im, colour, tol=60, min_area=6):
-    mask = (np.abs(im.astype(int) - colour.astype(int)) <= tol).all(-1).astype(np.uint8)
-    n, _, stats, _ = cv2.connectedComponentsWithStats(mask)
-    return [(x, y, x + w, y + h) for x, y, w, h, a in stats[1:n] if a >= min_area]
-
-
-def iou(a, b):
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    return iw * ih / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - iw * ih)
 
 
 def check_sample_boxes(im_tensor, targets, thr=0.7, min_side=6):
