@@ -29,9 +29,9 @@ from utils.general import LOGGER, colorstr, set_logging  # noqa: E402
 # 0.009 / 0.005 with KD for seeds 0 / 1. At this schedule every model is still in YOLOv5's slow from-scratch phase
 # and the KD gain is within seed noise: the recipe is not settled yet.
 RECIPE = dict(
-    data="data/shapes.yaml", hyp="data/hyps/hyp.demo.yaml", imgsz=128, batch_size=16,
+    data="data/shapes.yaml", hyp="data/hyps/hyp.demo.yaml", optimizer="Adam", imgsz=128, batch_size=16,
     teacher_cfg="models/yolov5s.yaml", student_cfg="models/yolov5n.yaml", teacher_epochs=20, student_epochs=15,
-    kd_loss="l2", alpha=10.0, beta=1.0, feat_loss=("at",),
+    kd_loss="l2", alpha=1.0, beta=1.0, feat_loss=("at",),
 )
 
 
@@ -39,6 +39,7 @@ def parse_opt(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=RECIPE["data"])
     p.add_argument("--hyp", default=RECIPE["hyp"])
+    p.add_argument("--optimizer", default=RECIPE["optimizer"], choices=["SGD", "Adam", "AdamW"])
     p.add_argument("--imgsz", type=int, default=RECIPE["imgsz"])
     p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
     p.add_argument("--teacher-cfg", default=RECIPE["teacher_cfg"])
@@ -58,16 +59,17 @@ def parse_opt(argv=None) -> argparse.Namespace:
 
 
 def common_args(opt, epochs: int) -> dict:
-    return dict(data=opt.data, hyp=opt.hyp, imgsz=opt.imgsz, batch_size=opt.batch_size, epochs=epochs, weights="",
-                workers=opt.workers, device=opt.device, project=opt.project, exist_ok=True, seed=opt.seed,
-                noval=True)
+    return dict(data=opt.data, hyp=opt.hyp, optimizer=opt.optimizer, imgsz=opt.imgsz, batch_size=opt.batch_size,
+                epochs=epochs, weights="", workers=opt.workers, device=opt.device, project=opt.project,
+                exist_ok=True, seed=opt.seed, noval=True)
 
 
 def train_teacher(opt) -> tuple[Path, tuple | None]:
     """The teacher's best.pt: --teacher-weight, an earlier demo teacher, or a new run."""
     if opt.teacher_weight:
         return Path(opt.teacher_weight), None
-    run = Path(opt.project) / f"teacher_{Path(opt.teacher_cfg).stem}_{opt.imgsz}_e{opt.teacher_epochs}"
+    recipe = f"{Path(opt.teacher_cfg).stem}_{opt.imgsz}_e{opt.teacher_epochs}_{opt.optimizer}_{Path(opt.hyp).stem}"
+    run = Path(opt.project) / f"teacher_{recipe}"
     best = run / "weights" / "best.pt"
     if best.exists() and (run / "results.csv").exists():
         LOGGER.info(f"{colorstr('demo: ')}reusing teacher {best}")
