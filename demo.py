@@ -30,7 +30,7 @@ from utils.general import LOGGER, colorstr, set_logging  # noqa: E402
 # and the KD gain is within seed noise: the recipe is not settled yet.
 RECIPE = dict(
     data="data/shapes.yaml", hyp="data/hyps/hyp.demo.yaml", optimizer="Adam", imgsz=128, batch_size=16,
-    teacher_cfg="models/yolov5s.yaml", student_cfg="models/yolov5n.yaml", teacher_epochs=20, student_epochs=15,
+    teacher_cfg="models/yolov5s.yaml", student_cfg="models/yolov5n.yaml", teacher_epochs=15, student_epochs=15,
     kd_loss="l2", alpha=1.0, beta=1.0, feat_loss=("at",),
 )
 
