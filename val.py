@@ -25,7 +25,7 @@ from tqdm import tqdm
 from utils.boxes import box_iou, non_max_suppression, scale_coords, xywh2xyxy, xyxy2xywh, xyxy2xywhn
 from utils.general import LOGGER, ROOT, check_img_size, colorstr, increment_path, print_args, set_logging
 from utils.metrics import ConfusionMatrix, ap_per_class
-from utils.torch_utils import select_device
+from utils.torch_utils import select_device, tune_cpu_allocator
 
 HEADER = ("%20s" + "%11s" * 6) % ("Class", "Images", "Labels", "P", "R", "mAP@.5", "mAP@.5:.95")
 ROW = "%20s" + "%11i" * 2 + "%11.3g" * 4
@@ -120,6 +120,8 @@ def _prepare(data, weights, model, dataloader, device, half, imgsz, batch_size, 
     else:
         device = select_device(device, batch_size)
         half = half and device.type == "cuda"
+        if device.type == "cpu":
+            tune_cpu_allocator()
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
         model = _load_model(weights, device, half, data, single_cls)
     if dataloader is None:

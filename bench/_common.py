@@ -21,13 +21,21 @@ NC = 10  # class count of the bundled shapes data (data/shapes.yaml)
 FEATURES = ("at", "at_masked", "ft", "cwd", "mimic")  # feature losses of utils.kd.losses, in bench order
 
 
-def machine_line(threads: int, device: torch.device) -> str:
-    """One line naming what the figures were measured on: CPUs, threads, torch, device, load average."""
+def setup_allocator(device: torch.device) -> bool:
+    """What the engine does on CPU: utils.torch_utils.tune_cpu_allocator (YOLOKD_KEEP_MALLOC=1 opts out)."""
+    from utils.torch_utils import tune_cpu_allocator
+
+    return device.type == "cpu" and tune_cpu_allocator()
+
+
+def machine_line(threads: int, device: torch.device, tuned_allocator: bool | None = None) -> str:
+    """One line naming what the figures were measured on: CPUs, threads, torch, device, allocator, load average."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     wait = os.environ.get("OMP_WAIT_POLICY", "unset")  # spinning OpenMP threads suffer badly on a shared machine
+    alloc = "" if tuned_allocator is None else f", malloc {'tuned' if tuned_allocator else 'glibc defaults'}"
     return (f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} torch threads "
-            f"(OMP_WAIT_POLICY {wait}), device {device} ({where}), load average {load:.1f} at start")
+            f"(OMP_WAIT_POLICY {wait}){alloc}, device {device} ({where}), load average {load:.1f} at start")
 
 
 def load_line() -> str:

@@ -26,7 +26,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from utils.general import LOGGER, check_img_size, colorstr
-from utils.torch_utils import ModelEMA, init_seeds
+from utils.torch_utils import ModelEMA, init_seeds, tune_cpu_allocator
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run is stopped
 
@@ -167,6 +167,8 @@ class Trainer:
         self.wdir = self.save_dir / "weights"
         self.last, self.best = self.wdir / "last.pt", self.wdir / "best.pt"
         init_seeds(opt.seed + 1 + max(self.rank, 0), deterministic=not self.cuda)  # cuDNN: speed over bits
+        if not self.cuda:
+            tune_cpu_allocator()  # activations are reallocated every step: keep their pages mapped
         with rank_zero_first(self.rank):
             self.data = check_dataset(opt.data)
         self.nc = 1 if opt.single_cls else int(self.data["nc"])
