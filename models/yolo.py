@@ -29,10 +29,12 @@ class Detect(nn.Module):
 
     Train mode returns the raw maps, a list of ``nl`` tensors shaped (bs, na, ny, nx, nc + 5). Eval mode returns
     ``(decoded, raw_maps)`` where decoded is (bs, sum(na * ny * nx), nc + 5) with xywh in input pixels and
-    sigmoid scores.
+    sigmoid scores; with ``decode = False`` (a distillation teacher, which only needs the raw maps) it returns
+    ``(None, raw_maps)``.
     """
 
     stride = None  # filled in by Model after a dry forward pass
+    decode = True  # eval mode: build the decoded boxes (set False on an instance to skip that work)
 
     def __init__(self, nc=80, anchors=(), ch=(), inplace=True):
         super().__init__()
@@ -52,11 +54,13 @@ class Detect(nn.Module):
             x[i] = self.m[i](x[i])
             bs, _, ny, nx = x[i].shape
             x[i] = x[i].view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
-            if not self.training:
+            if not self.training and self.decode:
                 if self.grid[i].shape[2:4] != x[i].shape[2:4] or self.grid[i].device != x[i].device:
                     self.grid[i], self.anchor_grid[i] = self._make_grid(nx, ny, i)
                 decoded.append(self._decode(x[i], i).view(bs, -1, self.no))
-        return x if self.training else (torch.cat(decoded, 1), x)
+        if self.training:
+            return x
+        return (torch.cat(decoded, 1) if decoded else None), x
 
     def _decode(self, raw, i):
         """Sigmoid scores and pixel-space xywh for level i; raw is (bs, na, ny, nx, no)."""

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthetic dataset and tiny model configs, built once per test session."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,16 @@ SHAPES_NAMES = None  # read from data/shapes.yaml by the fixture
 def _one_thread():
     """Tiny test tensors gain nothing from intra-op threads, and oversubscribed cores slow them down badly."""
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _logger_reaches_caplog():
+    """train.main() calls set_logging(), which stops LOGGER from propagating (and may raise its level); undo that
+    before every test so caplog sees the package's messages whatever ran before."""
+    from utils.general import LOGGER
+
+    LOGGER.propagate = True
+    LOGGER.setLevel(logging.INFO)
 
 
 def tiny_model_cfg(nc: int, width: float = 0.125, depth: float = 0.33, base: str = "yolov5n.yaml") -> dict:

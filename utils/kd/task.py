@@ -16,7 +16,8 @@ KD_LOSS_NAMES = ("kd_box", "kd_obj", "kd_cls", "kd_feat")
 
 
 def load_teacher(weights, device: torch.device) -> nn.Module:
-    """The teacher as an inference model: BatchNorm folded, eval mode, no gradients, fp16 + channels_last on CUDA.
+    """The teacher as an inference model: BatchNorm folded, eval mode, no gradients, fp16 + channels_last on CUDA,
+    and a Detect head that returns its raw maps without decoding boxes (``teacher(x)`` gives ``(None, maps)``).
 
     Accepts our checkpoints (plain or KD runs) and official YOLOv5 checkpoints.
     """
@@ -29,6 +30,7 @@ def load_teacher(weights, device: torch.device) -> nn.Module:
                                 f"(python train.py --data ... --cfg models/yolov5m.yaml) and pass its best.pt")
     teacher = model_from_checkpoint(load_checkpoint(weights, map_location="cpu"))
     teacher = teacher.fuse().eval().requires_grad_(False).to(device)
+    teacher.model[-1].decode = False  # KD reads the raw maps only: skip building boxes every step
     if device.type == "cuda":
         teacher = teacher.half().to(memory_format=torch.channels_last)
     return teacher
