@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from utils.datasets import check_dataset, create_dataloader  # noqa: E402
 from utils.general import set_logging, yaml_load  # noqa: E402
+from utils.torch_utils import tune_cpu_allocator  # noqa: E402
 
 
 def throughput(loader, warmup: int, batches: int):
@@ -54,12 +55,14 @@ def parse_opt(argv=None) -> argparse.Namespace:
 
 def main(opt: argparse.Namespace) -> dict:
     torch.set_num_threads(1)  # the loader does its work in numpy/cv2; keep torch from competing for the cores
+    tuned = tune_cpu_allocator()  # as the engine does before it builds its loaders (workers inherit it)
     data = check_dataset(opt.data)
     hyp = yaml_load(opt.hyp)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     direct = not any(hyp[k] for k in ("degrees", "shear", "perspective"))
     print(f"loader benchmark: {data['train']} at {opt.imgsz} px, batch {opt.batch}, mosaic {hyp['mosaic']} "
-          f"({'direct' if direct else 'canvas + warp'} path), {os.cpu_count()} CPUs, load average {load:.1f}")
+          f"({'direct' if direct else 'canvas + warp'} path), {os.cpu_count()} CPUs, malloc "
+          f"{'tuned' if tuned else 'glibc defaults'}, load average {load:.1f}")
     results = {}
     for workers in opt.workers:
         loader, _ = create_dataloader(data["train"], opt.imgsz, opt.batch, 32, hyp=hyp, augment=True,
