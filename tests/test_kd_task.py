@@ -248,3 +248,23 @@ def test_kd_ddp_two_processes(shapes_data, tiny_cfgs, teacher_ckpt, tmp_path):
 def test_teacher_required_message(shapes_data, tiny_cfgs, tmp_path):
     with pytest.raises(ValueError, match="--teacher_weight"):
         train_kd.run(**kd_args(shapes_data, tiny_cfgs["student"], "", tmp_path))
+
+
+def test_kd_pairs_by_loss_kind(tmp_path):
+    """Adapter losses pair the 3 Detect inputs only; at/at_masked also the 4 backbone stages; none without
+    feature losses; explicit layers win."""
+    from utils.kd.task import kd_pairs
+
+    student = Model(tiny_model_cfg(3, 0.125))
+    teacher = load_teacher(str(save_model(Model(tiny_model_cfg(3, 0.25)), tmp_path / "t.pt")), torch.device("cpu"))
+    detect_inputs = [f"model.{i}" for i in student.model[-1].f]
+    assert kd_pairs(student, teacher, KDConfig()) == []
+    at_pairs = kd_pairs(student, teacher, KDConfig(feat_losses=("at",)))
+    assert len(at_pairs) == 7 and [p.s_name for p in at_pairs[-3:]] == detect_inputs
+    for losses in (("cwd",), ("at", "mimic"), ("ft",)):
+        pairs = kd_pairs(student, teacher, KDConfig(feat_losses=losses))
+        assert [p.s_name for p in pairs] == detect_inputs
+        assert [p.stride for p in pairs] == [8, 16, 32]
+    manual = kd_pairs(student, teacher, KDConfig(feat_losses=("mimic",), s_layers=("model.4",),
+                                                 t_layers=("model.4",)))
+    assert [(p.s_name, p.t_name) for p in manual] == [("model.4", "model.4")]
