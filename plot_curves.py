@@ -72,6 +72,17 @@ def default_metrics(frames) -> list:
     return list(dict.fromkeys([*DEFAULT_METRICS, *losses]))
 
 
+def mask_unvalidated(df):
+    """Epochs that were not validated (--noval writes zeros for every metrics/ and val/ column except on the last
+    epoch) get NaN in those columns, so the curves skip them instead of dropping to 0."""
+    cols = [c for c in df.columns if c.startswith(("metrics/", "val/"))]
+    if cols:
+        skipped = (df[cols] == 0).all(axis=1)
+        df = df.copy()
+        df.loc[skipped, cols] = np.nan
+    return df
+
+
 def gather_series(run_dirs, labels=None, metrics=None) -> dict:
     """Read the runs and collect, per metric, the (label, epochs, values) series of every run that has it.
 
@@ -90,7 +101,7 @@ def gather_series(run_dirs, labels=None, metrics=None) -> dict:
     if labels is not None and len(labels) != len(runs):
         raise ValueError(f"Got {len(labels)} labels for {len(runs)} runs; pass one --labels entry per run")
     labels = list(labels) if labels is not None else default_labels(run_dirs)
-    frames = [read_results_csv(csv) for csv, _ in runs]
+    frames = [mask_unvalidated(read_results_csv(csv)) for csv, _ in runs]
     available = {c for df in frames for c in df.columns}
     wanted = [resolve_metric(m, available) for m in metrics] if metrics else default_metrics(frames)
     series = {}

@@ -112,3 +112,24 @@ def test_cjk_font_used_as_fallback_when_found(monkeypatch):
     assert "Fake CJK Sans" in families and families.index("Fake CJK Sans") == 1  # after the Latin default
     assert "Fake CJK Sans" not in matplotlib.rcParams["font.sans-serif"]  # restored afterwards
     assert plots.has_cjk(["蒸馏"]) and plots.has_cjk(["ラベル"]) and not plots.has_cjk(["baseline", "naïve"])
+
+
+def test_noval_epochs_are_skipped_not_plotted_as_zero(tmp_path):
+    """--noval leaves zeros in every metrics/ and val/ column except on the last epoch: those epochs are gaps."""
+    csv = write_results_csv(tmp_path / "noval" / "results.csv", 6)
+    df = plots.read_results_csv(csv)
+    evaluated = [c for c in df.columns if c.startswith(("metrics/", "val/"))]
+    lines = csv.read_text().splitlines()
+    header = [c.strip() for c in lines[0].split(",")]
+    for row in range(1, 6):  # epochs 0-3 unvalidated; 4 has a genuine mAP of 0 with nonzero val losses
+        cells = lines[row].split(",")
+        for c in evaluated:
+            if row < 5 or c.startswith("metrics/"):
+                cells[header.index(c)] = f"{0:>20d}"
+        lines[row] = ",".join(cells)
+    csv.write_text("\n".join(lines) + "\n")
+    series = plot_curves.gather_series([csv], metrics=["mAP@.5", "val/box_loss", "train/box_loss"])
+    _, x, y = series["metrics/mAP_0.5"][0]
+    assert x.tolist() == [4, 5] and y[0] == 0  # epochs 0-3 skipped; epoch 4's real zero kept
+    assert series["val/box_loss"][0][1].tolist() == [4, 5]
+    assert series["train/box_loss"][0][1].tolist() == [0, 1, 2, 3, 4, 5]  # training columns untouched
