@@ -67,8 +67,7 @@ import torch
 sys.path.insert(0, ".")
 from bench._common import FEATURES, NC, StepRunner, build_student, build_teacher, synthetic_batch  # noqa: E402
 from utils.kd.distiller import KDConfig  # noqa: E402
-from utils.kd.pairing import pair_layers  # noqa: E402
-from utils.kd.task import DistillationTask, check_teacher  # noqa: E402
+from utils.kd.task import DistillationTask, check_teacher, kd_pairs  # noqa: E402
 
 assert torch.cuda.is_available(), "CUDA is not available to torch"
 device = torch.device("cuda:0")
@@ -79,10 +78,12 @@ p = next(teacher.parameters())
 assert p.dtype == torch.float16, f"teacher should be fp16 on CUDA, is {p.dtype}"
 assert teacher.model[0].conv.weight.is_contiguous(memory_format=torch.channels_last), "teacher not channels_last"
 check_teacher(student, teacher)
-pairs = pair_layers(student, teacher, imgsz=64)
 imgs, targets = synthetic_batch(8, 640, device, nc=NC)
+with torch.no_grad():
+    assert teacher(imgs[:1].half().contiguous(memory_format=torch.channels_last))[0] is None, "teacher decodes boxes"
 for feats in [()] + [(f,) for f in FEATURES] + [FEATURES]:
-    task = DistillationTask(student, teacher, KDConfig(feat_losses=feats), pairs if feats else [])
+    cfg = KDConfig(feat_losses=feats)
+    task = DistillationTask(student, teacher, cfg, kd_pairs(student, teacher, cfg, imgsz=64))
     task.setup(SimpleNamespace(hyp=student.hyp))
     task.on_epoch_start(0, 10)
     runner = StepRunner(task, device)
