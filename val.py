@@ -120,8 +120,7 @@ def _prepare(data, weights, model, dataloader, device, half, imgsz, batch_size, 
     else:
         device = select_device(device, batch_size)
         half = half and device.type == "cuda"
-        if device.type == "cpu":
-            tune_cpu_allocator()
+        tune_cpu_allocator(device)
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
         model = _load_model(weights, device, half, data, single_cls)
     if dataloader is None:

@@ -21,13 +21,6 @@ NC = 10  # class count of the bundled shapes data (data/shapes.yaml)
 FEATURES = ("at", "at_masked", "ft", "cwd", "mimic")  # feature losses of utils.kd.losses, in bench order
 
 
-def setup_allocator(device: torch.device) -> bool:
-    """What the engine does on CPU: utils.torch_utils.tune_cpu_allocator (YOLOKD_KEEP_MALLOC=1 opts out)."""
-    from utils.torch_utils import tune_cpu_allocator
-
-    return device.type == "cpu" and tune_cpu_allocator()
-
-
 def machine_line(threads: int, device: torch.device, tuned_allocator: bool | None = None) -> str:
     """One line naming what the figures were measured on: CPUs, threads, torch, device, allocator, load average."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -30,14 +30,13 @@ def child(opt) -> None:
     """Times the variants in this process and prints one JSON line: {variant: [median s, faults per step]}."""
     import torch
 
-    from bench._common import StepRunner, build_tasks, median, synthetic_batch
+    from bench._common import StepRunner, build_tasks, median, round_robin, synthetic_batch
     from utils.general import set_logging
     from utils.torch_utils import KEEP_MALLOC_ENV, tune_cpu_allocator
 
     set_logging(verbose=False)
     torch.set_num_threads(opt.threads)
-    tuned = tune_cpu_allocator() if opt.setting == "tuned" else False
-    if opt.setting == "tuned" and not tuned:
+    if opt.setting == "tuned" and not tune_cpu_allocator():
         raise SystemExit(f"tune_cpu_allocator() did not apply here (non-glibc, or {KEEP_MALLOC_ENV} is set)")
     device = torch.device("cpu")
     t_size, s_size = opt.pair.split("-")
@@ -46,30 +45,29 @@ def child(opt) -> None:
     plain_step, kd_step = StepRunner(plain, device), StepRunner(tasks["kd"], device)
     calls = {"plain": lambda: plain_step(imgs, targets), "teacher": lambda: tasks["kd"].teacher_forward(imgs),
              "kd": lambda: kd_step(imgs, targets)}
-    times = {v: [] for v in VARIANTS}
-    faults = {v: [] for v in VARIANTS}
-    import time
+    faults = {v: [] for v in VARIANTS}  # minor page faults of every call, warm-up rounds included
 
-    for r in range(opt.warmup + opt.iters):
-        for v in VARIANTS[r % 3:] + VARIANTS[:r % 3]:
-            f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    def counting(v):
+        def call():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             calls[v]()
-            dt, df = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-            if r >= opt.warmup:
-                times[v].append(dt)
-                faults[v].append(df)
-    print("RESULT " + json.dumps({v: [median(times[v]), median(faults[v])] for v in VARIANTS}))
+            faults[v].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return call
+
+    wall, _ = round_robin({v: counting(v) for v in VARIANTS}, device, opt.iters, opt.warmup)
+    print("RESULT " + json.dumps({v: [median(wall[v]), median(faults[v][opt.warmup:])] for v in VARIANTS}))
 
 
 def parent(opt) -> None:
-    from bench._common import load_line, machine_line, median, table
-
     import torch
+
+    from bench._common import load_line, machine_line, median, table
+    from utils.torch_utils import KEEP_MALLOC_ENV
 
     print(machine_line(opt.threads, torch.device("cpu")))
     order = ["default", "tuned", "tuned", "default"] * ((opt.children + 1) // 2)
     results = {"default": [], "tuned": []}
-    env = {k: v for k, v in os.environ.items() if k != "YOLOKD_KEEP_MALLOC"}
+    env = {k: v for k, v in os.environ.items() if k != KEEP_MALLOC_ENV}
     for i, setting in enumerate(order[:2 * opt.children]):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", setting, "--pair", opt.pair,
                "--imgsz", str(opt.imgsz), "--batch-size", str(opt.batch_size), "--iters", str(opt.iters),

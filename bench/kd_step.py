@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from bench._common import (FEATURES, StepRunner, build_tasks, load_line, machine_line, median,  # noqa: E402
-                           peak_memory_mb, round_robin, setup_allocator, synthetic_batch, table)
+                           peak_memory_mb, round_robin, synthetic_batch, table)
 from utils.general import set_logging  # noqa: E402
 
 TARGET = 0.10  # allowed KD overhead beyond the teacher forward, as a fraction of T_plain
@@ -243,12 +243,12 @@ def parse_opt(argv=None) -> argparse.Namespace:
 
 
 def main(opt) -> int:
-    from utils.torch_utils import select_device
+    from utils.torch_utils import select_device, tune_cpu_allocator
 
     set_logging(verbose=False)  # the table is the output; per-task optimizer lines would bury it
     torch.set_num_threads(opt.threads)
     device = select_device(opt.device)
-    tuned = setup_allocator(device)
+    tuned = tune_cpu_allocator(device)  # as the engine does
     opt.imgsz = opt.imgsz or ([320, 640] if device.type == "cuda" else [320])
     if opt.only:
         run_only(opt, device)

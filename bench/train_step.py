@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from bench._common import (NC, StepRunner, build_student, load_line, machine_line, median,  # noqa: E402
-                           round_robin, setup_allocator, synthetic_batch, table)
+                           round_robin, synthetic_batch, table)
 from utils.general import set_logging  # noqa: E402
 
 V60_STEP_S = 1.9  # YOLOv5 v6.0, yolov5s, 320 px, batch 8, 2 threads, measured on this machine class
@@ -126,12 +126,12 @@ def parse_opt(argv=None) -> argparse.Namespace:
 
 
 def main(opt) -> None:
-    from utils.torch_utils import select_device
+    from utils.torch_utils import select_device, tune_cpu_allocator
 
     set_logging(verbose=False)  # keep val.py's per-class table and the optimizer lines out of the figures
     torch.set_num_threads(opt.threads)
     device = select_device(opt.device)
-    tuned = setup_allocator(device)
+    tuned = tune_cpu_allocator(device)  # as the engine does
     print(machine_line(opt.threads, device, tuned))
     bench_step(opt, device)
     if not opt.skip_val:

@@ -121,8 +121,8 @@ def gate(block, x):
 @pytest.mark.parametrize("make", [lambda: SELayer(INP, INP, 4), lambda: ChannelAttention(INP, 4),
                                   lambda: ChannelAttention(INP, 4, True)], ids=["SE", "channel", "channel-AS"])
 def test_channel_gates_are_per_channel(make):
-    # seeded: with 4 hidden ReLU units, about 1 random init in 16 leaves them all dead and every gate at exactly 0.5
-    torch.manual_seed(0)
+    # built inside the test, after conftest's per-test seed: with 4 hidden ReLU units some random inits (~4%) leave
+    # them all dead and every gate at exactly 0.5, so an unseeded init made this test fail by chance
     g = gate(make().eval(), torch.rand(2, INP, 6, 5) + 0.5)
     assert ((g > 0) & (g < 1)).all()
     torch.testing.assert_close(g, g[:, :, :1, :1].expand_as(g))
@@ -131,7 +131,6 @@ def test_channel_gates_are_per_channel(make):
 
 @pytest.mark.parametrize("as_variant", [False, True])
 def test_spatial_gate_is_per_pixel(as_variant):
-    torch.manual_seed(0)
     g = gate(SpatialAttention(7, as_variant).eval(), torch.rand(2, INP, 6, 5) + 0.5)
     assert ((g > 0) & (g < 1)).all()
     torch.testing.assert_close(g, g[:, :1].expand_as(g))
@@ -139,7 +138,6 @@ def test_spatial_gate_is_per_pixel(as_variant):
 
 
 def test_coordinate_attention_gate_factorises_into_rows_and_columns():
-    torch.manual_seed(0)
     block = CABlock(INP, INP, 4).eval()
     g = gate(block, torch.rand(2, INP, 6, 5) + 0.5)  # g[c, y, x] = a_h[c, y] * a_w[c, x]
     assert ((g > 0) & (g < 1)).all()

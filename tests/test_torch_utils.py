@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from utils.torch_utils import KEEP_MALLOC_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Allocates and frees 40 tensors of 4 MB three times; prints whether tuning applied and the minor page faults of
@@ -29,7 +31,7 @@ CHILD = textwrap.dedent("""
 
 
 def run_child(setting: str, env_extra=None) -> tuple:
-    env = {k: v for k, v in os.environ.items() if k != "YOLOKD_KEEP_MALLOC"}
+    env = {k: v for k, v in os.environ.items() if k != KEEP_MALLOC_ENV}
     env.update(env_extra or {})
     out = subprocess.run([sys.executable, "-c", CHILD, setting, str(ROOT)], capture_output=True, text=True, env=env,
                          timeout=120)
@@ -57,5 +59,13 @@ def test_tuned_allocator_reuses_freed_pages():
 
 
 def test_allocator_tuning_can_be_switched_off():
-    applied, _ = run_child("tuned", {"YOLOKD_KEEP_MALLOC": "1"})
+    applied, _ = run_child("tuned", {KEEP_MALLOC_ENV: "1"})
     assert not applied
+
+
+def test_allocator_left_alone_for_gpu_devices():
+    import torch
+
+    from utils.torch_utils import tune_cpu_allocator
+
+    assert tune_cpu_allocator(torch.device("cuda", 0)) is False  # GPU activations never touch malloc

@@ -167,8 +167,7 @@ class Trainer:
         self.wdir = self.save_dir / "weights"
         self.last, self.best = self.wdir / "last.pt", self.wdir / "best.pt"
         init_seeds(opt.seed + 1 + max(self.rank, 0), deterministic=not self.cuda)  # cuDNN: speed over bits
-        if not self.cuda:
-            tune_cpu_allocator()  # activations are reallocated every step: keep their pages mapped
+        tune_cpu_allocator(device)  # CPU: activations are reallocated every step, keep their pages mapped
         with rank_zero_first(self.rank):
             self.data = check_dataset(opt.data)
         self.nc = 1 if opt.single_cls else int(self.data["nc"])

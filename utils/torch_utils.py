@@ -42,19 +42,23 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt() parameter numbers fro
 KEEP_MALLOC_ENV = "YOLOKD_KEEP_MALLOC"  # set to 1 to leave glibc's allocator settings alone
 
 
-def tune_cpu_allocator(mmap_threshold: int = 32 * 2 ** 20, trim_threshold: int = 2 ** 30) -> bool:
+def tune_cpu_allocator(device: torch.device | None = None, mmap_threshold: int = 32 * 2 ** 20,
+                       trim_threshold: int = 2 ** 30) -> bool:
     """Let glibc reuse freed tensor memory between training steps instead of handing it back to the kernel.
 
     A CPU training step frees hundreds of MB of activations at its end and allocates them again in the next step.
     With glibc's defaults, blocks above a few MB are mmap'd and freed memory at the top of the heap is trimmed, so
     every step starts by page-faulting fresh zeroed pages in; a KD step, which also runs the teacher, pays it
     twice. Serving blocks up to ``mmap_threshold`` from the heap and trimming only above ``trim_threshold`` keeps
-    those pages mapped (measured: ~9% off a yolov5m->s KD step at 320 px on 2 cores; see bench/README.md). The
+    those pages mapped (bench/allocator.py, yolov5m->s at 320 px on 2 cores: plain step -11%, KD step -8%). The
     process keeps its peak memory mapped until exit, which a training process reaches every step anyway.
 
-    Process-wide and idempotent; a no-op (returns False) off Linux, without glibc, or when the environment variable
+    Process-wide and idempotent; a no-op (returns False) when ``device`` is given and is not the CPU (activations
+    then live in the GPU's caching allocator), off Linux, without glibc, or when the environment variable
     YOLOKD_KEEP_MALLOC is set. DataLoader workers forked afterwards inherit the settings.
     """
+    if device is not None and torch.device(device).type != "cpu":
+        return False
     if not sys.platform.startswith("linux") or os.environ.get(KEEP_MALLOC_ENV):
         return False
     try:
@@ -63,7 +67,8 @@ def tune_cpu_allocator(mmap_threshold: int = 32 * 2 ** 20, trim_threshold: int =
     except (OSError, AttributeError):  # musl and other C libraries
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1 and mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1
+    return (mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
+            and mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1)
 
 
 def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
