@@ -7,6 +7,9 @@ Every attention block takes ``(inp, oup, ratio_or_reduction, need11=False, rever
 * ``need11=True, reverse=False``: map ``inp -> oup`` with a 1x1 conv first, then attend over ``oup`` channels;
 * ``need11=True, reverse=True``: attend over ``inp`` channels first, then map ``inp -> oup`` with a 1x1 conv.
 
+Every block is built with YOLOv5 v6.0's BatchNorm settings (eps 1e-3, momentum 0.03) and in-place activations,
+also when it is used outside a model (``utils.torch_utils.initialize_weights``).
+
 The 1x1 channel map exists only when it is used, so every parameter of a block receives a gradient on every step
 (DistributedDataParallel fails on parameters that never do).
 
@@ -20,6 +23,7 @@ import torch.nn as nn
 
 from models.common import Conv
 from utils.general import LOGGER
+from utils.torch_utils import initialize_weights
 
 
 class Conv1_1(Conv):
@@ -35,6 +39,7 @@ class Conv1_1(Conv):
 
     def __init__(self, c1, c2, act=True):
         super().__init__(c1, c2, 1, 1, act=act)
+        initialize_weights(self)
 
 
 def softmax_pool(x: torch.Tensor, temperature: torch.Tensor, dims) -> torch.Tensor:
@@ -85,6 +90,7 @@ class ChannelAttention(nn.Module):
                                  nn.Conv2d(hidden, channels, 1, bias=False))
         if as_variant:
             self.temperature = nn.Parameter(torch.ones(1, channels, 1, 1))
+        initialize_weights(self)
 
     def forward(self, x):
         """(bs, c, h, w) -> (bs, c, h, w), each channel scaled by a weight in (0, 1)."""
@@ -116,6 +122,7 @@ class SpatialAttention(nn.Module):
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         if as_variant:
             self.temperature = nn.Parameter(torch.ones(1))
+        initialize_weights(self)
 
     def forward(self, x):
         """(bs, c, h, w) -> (bs, c, h, w), each pixel scaled by a weight in (0, 1) shared by all channels."""
@@ -172,6 +179,7 @@ class SELayer(_AttentionBlock):
         c = self._setup(inp, oup, need11, reverse)
         hidden = max(c // ratio, 1)
         self.fc = nn.Sequential(nn.Linear(c, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, c, bias=False))
+        initialize_weights(self)
 
     def attend(self, x):
         weights = torch.sigmoid(self.fc(x.mean((2, 3))))  # (bs, c)
@@ -201,6 +209,7 @@ class ASCBAM(_AttentionBlock):
         c = self._setup(inp, oup, need11, reverse)
         self.ca = ChannelAttention(c, ratio, as_variant)
         self.sa = SpatialAttention(kernel_size, as_variant)
+        initialize_weights(self)
 
     def attend(self, x):
         return self.sa(self.ca(x))
@@ -230,6 +239,7 @@ class CABlock(_AttentionBlock):
         self.act = nn.Hardswish()
         self.conv_h = nn.Conv2d(mip, c, 1)
         self.conv_w = nn.Conv2d(mip, c, 1)
+        initialize_weights(self)
 
     def attend(self, x):
         h, w = x.shape[2:]

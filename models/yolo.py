@@ -21,7 +21,7 @@ import torch.nn as nn
 from models import attention
 from models.common import C3, SPP, SPPF, Bottleneck, BottleneckCSP, Concat, Conv, DWConv, Focus
 from utils.general import LOGGER, make_divisible, set_logging, yaml_load
-from utils.torch_utils import fuse_conv_and_bn, model_info
+from utils.torch_utils import fuse_conv_and_bn, initialize_weights, model_info
 
 
 class Detect(nn.Module):
@@ -176,6 +176,7 @@ class Model(nn.Module):
         self.nc = self.yaml["nc"]
         self.names = [str(i) for i in range(self.nc)]
         self.inplace = self.yaml.get("inplace", True)
+        initialize_weights(self)  # v6.0's BatchNorm eps/momentum and in-place activations
         self._build_strides(ch)
 
     def _build_strides(self, ch):

@@ -169,6 +169,42 @@ def test_as_variant_differs_from_plain_and_reaches_both_parts():
         assert not torch.allclose(plain(x), adaptive(x))
 
 
+ACTIVATIONS = (nn.SiLU, nn.ReLU, nn.Hardswish, nn.LeakyReLU)  # those the blocks use, all with an inplace switch
+
+
+def activations(module):
+    return [m for m in module.modules() if isinstance(m, ACTIVATIONS)]
+
+
+def batchnorms(module):
+    return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+@pytest.mark.parametrize("need11,reverse", MODES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_standalone_blocks_use_v60_batchnorm_and_inplace_activations(kind, need11, reverse):
+    """YOLOv5 v6.0 builds BatchNorm2d with eps 1e-3, momentum 0.03 and runs activations in place; a block built
+    outside a model must match, and working in place must change neither values nor gradients."""
+    block = make_block(kind, need11, reverse).train()
+    assert len(batchnorms(block)) == (kind == "CA") + need11  # CA's bottleneck, the 1x1 map's Conv
+    assert all(m.eps == 1e-3 and m.momentum == 0.03 for m in batchnorms(block))
+    assert activations(block) and all(m.inplace for m in activations(block))
+    out_of_place = deepcopy(block)
+    for m in activations(out_of_place):
+        m.inplace = False
+    x = torch.randn(2, INP, 8, 6)
+    outs = []
+    for b in (block, out_of_place):
+        out = b(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out.detach())
+    assert torch.equal(outs[0], outs[1])
+    for (name, p), q in zip(block.named_parameters(), out_of_place.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for a, b in zip(batchnorms(block), batchnorms(out_of_place)):
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+
+
 def test_conv1_1_is_a_fusable_channel_adapter():
     m = Conv1_1(INP, OUP).eval()
     assert isinstance(m, Conv) and m.conv.kernel_size == (1, 1)

@@ -21,7 +21,7 @@ from models.yolo import Model
 from utils.checkpoint import (UnsafeCheckpointError, build_checkpoint, load_checkpoint, model_from_checkpoint,
                               save_checkpoint, strip_optimizer)
 from utils.general import ROOT, yaml_load, yaml_save
-from utils.torch_utils import ModelEMA
+from utils.torch_utils import ModelEMA, initialize_weights
 
 IMG = 64
 
@@ -91,7 +91,8 @@ def test_own_format_round_trip(cfg, images, tmp_path):
 
     assert not allowlist_active()
     raw = torch.load(path, weights_only=True)  # no allowlist needed for our own format
-    assert raw["format"] == "yolov5-kd/1" and raw["epoch"] == 2 and raw["best_fitness"] == 0.25
+    assert raw["format"] == "yolov5-kd/2" and raw["epoch"] == 2 and raw["best_fitness"] == 0.25
+    assert raw["model"]["batchnorm"] == {"eps": 1e-3, "momentum": 0.03}  # YOLOv5 v6.0's values
     assert raw["opt"] == {"save_dir": str(tmp_path / "exp"), "epochs": 3}
     assert type(raw["hyp"]["lr0"]) is float
     assert raw["kd"] == {"temperature": 4.0, "layers": ("model.17",)}
@@ -236,6 +237,69 @@ def test_official_training_checkpoint_prefers_ema(cfg, images, tmp_path):
     assert torch.equal(decoded(deployed, images), decoded(copy.deepcopy(averaged).half().float(), images))
     raw_weights = model_from_checkpoint(converted, use_ema=False)
     assert torch.equal(decoded(raw_weights, images), decoded(copy.deepcopy(model).half().float(), images))
+
+
+def test_official_batchnorm_settings_come_from_the_pickle(cfg, images, tmp_path):
+    """BatchNorm eps/momentum are not weights either: a rebuilt model takes them from the pickled layers."""
+    model = initialize_weights(make_model(cfg), eps=1e-4, momentum=0.05)  # unlike both v6.0 and PyTorch
+    path = tmp_path / "eps.pt"
+    torch.save(official_checkpoint(model, "v5.0"), path)
+    reference = copy.deepcopy(model).half().float()
+
+    assert load_checkpoint(path)["model"]["batchnorm"] == {"eps": 1e-4, "momentum": 0.05}
+    loaded = attempt_load(path, fuse=False)
+    bns = [m for m in loaded.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.eps == 1e-4 and m.momentum == 0.05 for m in bns)
+    assert torch.equal(decoded(loaded, images), decoded(reference, images))
+
+
+def legacy_checkpoint(model, path):
+    """A file as this project wrote it before the BatchNorm record: format yolov5-kd/1, no model['batchnorm']."""
+    ckpt = build_checkpoint(model)
+    ckpt["format"] = "yolov5-kd/1"
+    del ckpt["model"]["batchnorm"]
+    return save_checkpoint(ckpt, path)
+
+
+def test_old_own_checkpoint_keeps_its_predictions(cfg, images, tmp_path, caplog):
+    """Our checkpoints from before v6.0's BatchNorm settings were adopted were trained with PyTorch's defaults."""
+    model = initialize_weights(make_model(cfg), eps=1e-5, momentum=0.1)  # a model as it was built back then
+    path = legacy_checkpoint(model, tmp_path / "old.pt")
+    assert "batchnorm" not in torch.load(path, weights_only=True)["model"]
+
+    with caplog.at_level("INFO", logger="yolov5"):
+        loaded = attempt_load(path, fuse=False)
+    notes = [r.getMessage() for r in caplog.records if "yolov5-kd/1" in r.getMessage()]
+    assert len(notes) == 1 and "eps 1e-05" in notes[0] and "momentum 0.1" in notes[0]
+    bns = [m for m in loaded.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.eps == 1e-5 and m.momentum == 0.1 for m in bns)
+    assert torch.equal(decoded(loaded, images), decoded(model, images))
+    fused = attempt_load(path)
+    torch.testing.assert_close(decoded(fused, images), decoded(model, images), rtol=1e-4, atol=1e-3)
+    v6 = model_from_checkpoint({**load_checkpoint(path), "format": "yolov5-kd/2"})  # what ignoring the age gives
+    assert not torch.allclose(decoded(v6, images), decoded(model, images), atol=1e-3)  # so the check can fail
+
+    resaved = save_checkpoint(build_checkpoint(loaded), tmp_path / "resaved.pt")
+    assert torch.load(resaved, weights_only=True)["model"]["batchnorm"] == {"eps": 1e-5, "momentum": 0.1}
+    assert torch.equal(decoded(attempt_load(resaved, fuse=False), images), decoded(model, images))
+    strip_optimizer(path, tmp_path / "stripped.pt")
+    stripped = torch.load(tmp_path / "stripped.pt", weights_only=True)
+    assert stripped["format"] == "yolov5-kd/2" and stripped["model"]["batchnorm"] == {"eps": 1e-5, "momentum": 0.1}
+
+
+def test_new_checkpoints_record_batchnorm_and_newer_formats_are_refused(cfg, images, tmp_path, caplog):
+    model = make_model(cfg)
+    path = save_checkpoint(build_checkpoint(model), tmp_path / "new.pt")
+    with caplog.at_level("INFO", logger="yolov5"):
+        loaded = attempt_load(path, fuse=False)
+    assert not any("yolov5-kd/1" in r.getMessage() for r in caplog.records)
+    assert all(m.eps == 1e-3 and m.momentum == 0.03 for m in loaded.modules() if isinstance(m, nn.BatchNorm2d))
+    assert torch.equal(decoded(loaded, images), decoded(model, images))
+    future = build_checkpoint(model)
+    future["format"] = "yolov5-kd/3"
+    save_checkpoint(future, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="newer than this code reads"):
+        load_checkpoint(tmp_path / "future.pt")
 
 
 class Payload:

@@ -5,9 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 from models.yolo import Detect, Model, main, parse_model
 from utils.general import yaml_load
+from utils.kd.adapters import ChannelAdapter
+from utils.kd.recorder import FeatureRecorder
 from utils.torch_utils import count_flops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,3 +139,74 @@ def test_model_moves_grids_with_dtype():
         model.double()
         out = model(torch.rand(1, 3, 64, 64, dtype=torch.float64))[0]
     assert out.dtype == torch.float64
+
+
+ACTIVATIONS = (nn.SiLU, nn.ReLU, nn.Hardswish, nn.LeakyReLU)
+
+
+def attention_cfg():
+    """A slim yolov5s with coordinate attention (Hard-swish, an extra BatchNorm) after every C3."""
+    d = yaml_load(ROOT / "models/hub/yolov5s-CA.yaml")
+    d.update(nc=3, width_multiple=0.125, depth_multiple=0.33)
+    return d
+
+
+@pytest.mark.parametrize("build", [lambda: Model(tiny_cfg()), lambda: Model(attention_cfg()),
+                                   lambda: ChannelAdapter(8, 16)], ids=["yolov5n", "yolov5s-CA", "adapter"])
+def test_v60_batchnorm_settings_and_inplace_activations(build):
+    """YOLOv5 v6.0 builds every BatchNorm2d with eps 1e-3 and momentum 0.03 (PyTorch: 1e-5, 0.1), and its
+    activations work in place; official checkpoints reproduce their outputs only with the same eps."""
+    module = build()
+    bns = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.eps == 1e-3 and m.momentum == 0.03 for m in bns)
+    acts = [m for m in module.modules() if isinstance(m, ACTIVATIONS)]
+    assert all(m.inplace for m in acts)
+    assert acts or isinstance(module, ChannelAdapter)
+
+
+def test_inplace_activations_keep_values_and_gradients():
+    model = Model(attention_cfg()).train()
+    out_of_place = deepcopy(model)
+    for m in out_of_place.modules():
+        if isinstance(m, ACTIVATIONS):
+            m.inplace = False
+    x = torch.rand(2, 3, 64, 64)
+    results = []
+    for m in (model, out_of_place):
+        out = m(x)
+        sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in out).backward()
+        results.append([o.detach() for o in out])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    for (name, p), q in zip(model.named_parameters(), out_of_place.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_recorded_block_outputs_are_never_changed_in_place():
+    """Distillation records layer outputs with forward hooks; an in-place activation running on a recorded tensor
+    afterwards would silently change the features. Every layer and block output (Conv, C3, attention, ...)
+    keeps its values through forward and backward. (A bare BatchNorm or a fused conv inside a Conv is followed
+    by the in-place activation, so record the enclosing Conv instead, as the layer pairing does.)"""
+    model = Model(attention_cfg()).train()
+    modules = {n: m for n, m in model.named_modules() if n.count(".") == 1 and n.startswith("model.")
+               or m.__class__.__module__.startswith("models.")}
+    assert {"model.3", "model.15", "model.2.cv1", "model.2.m.0"} <= set(modules)
+    snapshots = {}
+
+    def snapshot(name):
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor):
+                snapshots[name] = (output._version, output.detach().clone())
+        return hook
+
+    handles = [m.register_forward_hook(snapshot(n)) for n, m in modules.items()]
+    try:
+        with FeatureRecorder(model, list(modules)) as rec:
+            out = model(torch.rand(2, 3, 64, 64))
+        sum(o.sum() for o in out).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(snapshots) > 50
+    changed = [n for n, (version, values) in snapshots.items()
+               if rec.outputs[n]._version != version or not torch.equal(rec.outputs[n].detach(), values)]
+    assert not changed

@@ -3,8 +3,9 @@
 Our format (``FORMAT``) holds only tensors and plain data, so ``torch.load(path, weights_only=True)`` reads it
 without any allowlist::
 
-    {'format': 'yolov5-kd/1', 'epoch': int, 'best_fitness': float,
-     'model': {'yaml': dict, 'state_dict': {name: fp32 tensor}, 'names': [str], 'nc': int, 'stride': [float]},
+    {'format': 'yolov5-kd/2', 'epoch': int, 'best_fitness': float,
+     'model': {'yaml': dict, 'state_dict': {name: fp32 tensor}, 'names': [str], 'nc': int, 'stride': [float],
+               'batchnorm': {'eps': float, 'momentum': float} | None},
      'ema': state_dict | None, 'updates': int | None, 'optimizer': state_dict | None,
      'opt': dict | None, 'hyp': dict | None, 'date': str, ...extra keys ('adapters', 'kd', 'scheduler')}
 
@@ -15,6 +16,11 @@ of ``best_fitness``. Anything else is refused, naming the offending globals, bef
 modules are then read only as data: a fresh model is built from their YAML and receives their weights, so
 attributes that old torch or YOLOv5 versions did or did not pickle (``recompute_scale_factor``, list or buffer
 ``anchor_grid``, ``inplace``, ...) never matter.
+
+BatchNorm settings are not weights, so a rebuilt model takes them from the file: format 2 records them under
+``model['batchnorm']``, official files carry them on their pickled BatchNorm2d layers (eps 1e-3, momentum 0.03 in
+YOLOv5), and format 1 files, written when this project still used PyTorch's defaults, get eps 1e-5 and momentum
+0.1 back so that their predictions do not change.
 """
 from __future__ import annotations
 
@@ -36,10 +42,11 @@ import torch.nn as nn
 from models import attention, common
 from models.yolo import Detect, Model
 from utils.general import LOGGER
-from utils.torch_utils import de_parallel
+from utils.torch_utils import (BN_EPS, BN_MOMENTUM, LEGACY_BN_EPS, LEGACY_BN_MOMENTUM, batchnorm_settings, de_parallel,
+                               initialize_weights)
 
-FORMAT = "yolov5-kd/1"
-FORMAT_VERSION = 1
+FORMAT = "yolov5-kd/2"  # 2: model['batchnorm'] records the BatchNorm eps/momentum
+FORMAT_VERSION = 2
 RESERVED_KEYS = ("format", "epoch", "best_fitness", "model", "ema", "updates", "optimizer", "opt", "hyp", "date")
 PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.device, torch.dtype)
 
@@ -125,6 +132,7 @@ def _model_entry(model: nn.Module) -> dict:
         "names": _names_list(getattr(model, "names", None)),
         "nc": int(model.nc),
         "stride": [float(s) for s in stride] if stride is not None else None,
+        "batchnorm": batchnorm_settings(model),
     }
 
 
@@ -391,6 +399,28 @@ def _pickled_activations(module: nn.Module, prefix: str = "") -> dict:
     return found
 
 
+def _pickled_batchnorm(module: nn.Module) -> dict:
+    """{'eps', 'momentum'} most common among the BatchNorm2d layers of an unpickled model (YOLOv5's values when the
+    pickle has none)."""
+    pairs = []
+    stack = [module]
+    while stack:
+        d = vars(stack.pop())
+        for child in d.get("_modules", {}).values():
+            if getattr(type(child), "original", type(child)) is nn.BatchNorm2d:
+                momentum = vars(child).get("momentum", BN_MOMENTUM)
+                pairs.append((float(vars(child).get("eps", BN_EPS)), None if momentum is None else float(momentum)))
+            elif isinstance(child, nn.Module):
+                stack.append(child)
+    if not pairs:
+        return {"eps": BN_EPS, "momentum": BN_MOMENTUM}
+    if len(set(pairs)) > 1:
+        LOGGER.debug(f"official checkpoint mixes BatchNorm settings {sorted(set(pairs), key=str)}; using the most "
+                     f"common one")
+    eps, momentum = max(sorted(set(pairs), key=str), key=pairs.count)
+    return {"eps": eps, "momentum": momentum}
+
+
 def _pickled_state(module: nn.Module) -> dict:
     """fp32 state_dict of an unpickled model; v5.0's 'anchor_grid' buffer is dropped (rebuilt from anchors)."""
     return {k: v.float() if v.is_floating_point() else v
@@ -414,6 +444,7 @@ def _convert_official(raw: Mapping) -> dict:
         "nc": nc,
         "stride": [float(s) for s in stride] if isinstance(stride, torch.Tensor) else None,
         "activations": _pickled_activations(main),
+        "batchnorm": _pickled_batchnorm(main),
     }
     both = model_obj is not None and ema_obj is not None
     epoch, updates = raw.get("epoch"), raw.get("updates")
@@ -473,8 +504,35 @@ def model_from_checkpoint(ckpt: dict, use_ema=True, nc=None, cfg=None) -> Model:
     model = Model(source, nc=weights_nc or nc)
     _load_weights(model, state, source)
     _adopt_activations(model, entry.get("activations") or {})
+    settings = checkpoint_batchnorm(ckpt)
+    if settings is not None:
+        initialize_weights(model, **settings)  # also makes adopted activations in-place
     _restore_attributes(model, entry, cfg is None)
     return model.float()
+
+
+def checkpoint_batchnorm(ckpt: Mapping, log: bool = True) -> dict | None:
+    """BatchNorm settings {'eps', 'momentum'} that a model rebuilt from ckpt needs to reproduce its outputs.
+
+    The recorded ones when the file has them; PyTorch's defaults (eps 1e-5, momentum 0.1) for files written in
+    format yolov5-kd/1, before this project adopted YOLOv5 v6.0's values (logged once per call when log is True);
+    v6.0's values (eps 1e-3, momentum 0.03) for anything else, e.g. bare state_dicts. None: the model has no
+    BatchNorm to set.
+
+    Args:
+        ckpt: a dict from ``load_checkpoint`` / ``build_checkpoint``.
+        log: say so in one info line when old defaults are restored.
+    """
+    entry = ckpt.get("model") if isinstance(ckpt.get("model"), Mapping) else {}
+    if "batchnorm" in entry:
+        return dict(entry["batchnorm"]) if entry["batchnorm"] is not None else None
+    if str(ckpt.get("format")) == "yolov5-kd/1":
+        if log:
+            LOGGER.info(f"checkpoint format yolov5-kd/1 predates YOLOv5 v6.0's BatchNorm settings: rebuilding it "
+                        f"with the eps {LEGACY_BN_EPS:g} and momentum {LEGACY_BN_MOMENTUM:g} it was trained with, so "
+                        f"its predictions are unchanged (a checkpoint saved from it records them)")
+        return {"eps": LEGACY_BN_EPS, "momentum": LEGACY_BN_MOMENTUM}
+    return {"eps": BN_EPS, "momentum": BN_MOMENTUM}
 
 
 def _load_weights(model: nn.Module, state: Mapping, source) -> None:
@@ -538,7 +596,8 @@ def strip_optimizer(path, out=None) -> Path:
     # Anchors stay fp32: they are tiny and fp16 would round AutoAnchor's values.
     model["state_dict"] = {k: v.half() if v.is_floating_point() and not k.endswith("anchors") else v
                            for k, v in state.items()}
-    ckpt.update(model=model, ema=None, updates=None, optimizer=None, epoch=-1)
+    model["batchnorm"] = checkpoint_batchnorm(ckpt, log=False)  # written in the current format from here on
+    ckpt.update(format=FORMAT, model=model, ema=None, updates=None, optimizer=None, epoch=-1)
     ckpt.pop("scheduler", None)
     target = save_checkpoint(ckpt, out or path)
     LOGGER.info(f"Optimizer stripped from {path}{f', saved as {target}' if out else ''}, "

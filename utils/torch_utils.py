@@ -6,6 +6,7 @@ import math
 import os
 import random
 import sys
+from collections import Counter
 from copy import deepcopy
 
 import numpy as np
@@ -89,6 +90,49 @@ def is_parallel(model: nn.Module) -> bool:
 def de_parallel(model: nn.Module) -> nn.Module:
     """The bare model inside a DP/DDP wrapper (or the model itself)."""
     return model.module if is_parallel(model) else model
+
+
+# YOLOv5 v6.0 builds every BatchNorm2d with these (PyTorch's defaults are eps 1e-5, momentum 0.1); official
+# checkpoints only reproduce their outputs with them, because the eps enters every normalisation.
+BN_EPS, BN_MOMENTUM = 1e-3, 0.03
+LEGACY_BN_EPS, LEGACY_BN_MOMENTUM = 1e-5, 0.1  # what this project's models used before adopting v6.0's values
+# in place, these give bit-identical values and gradients (ELU-type ones would round their gradients differently)
+INPLACE_ACTIVATIONS = (nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Hardsigmoid, nn.Mish)
+BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)  # --sync-bn converts the first into the second
+
+
+def initialize_weights(model: nn.Module, eps: float = BN_EPS, momentum: float = BN_MOMENTUM) -> nn.Module:
+    """Set every BatchNorm2d's eps and momentum (YOLOv5 v6.0's by default) and make the activations work in place.
+
+    Weights are left as they are (PyTorch's default initialisation, as in v6.0). In-place activations only save
+    memory; they are safe because each one follows a BatchNorm or convolution whose output nothing else reads
+    (so hook a whole block such as a Conv to record features, not the BatchNorm inside it).
+
+    Args:
+        model: any module; changed in place.
+        eps, momentum: BatchNorm settings to apply (pass LEGACY_BN_EPS / LEGACY_BN_MOMENTUM to rebuild a model
+            saved before v6.0's values were adopted).
+
+    Returns:
+        model itself.
+    """
+    for m in model.modules():
+        if isinstance(m, BATCHNORMS):
+            m.eps, m.momentum = float(eps), None if momentum is None else float(momentum)  # None: cumulative mean
+        elif isinstance(m, INPLACE_ACTIVATIONS):
+            m.inplace = True
+    return model
+
+
+def batchnorm_settings(model: nn.Module) -> dict | None:
+    """{'eps': float, 'momentum': float} of the model's BatchNorm2d layers (the most common pair), or None if it
+    has none."""
+    pairs = [(float(m.eps), m.momentum if m.momentum is None else float(m.momentum))
+             for m in model.modules() if isinstance(m, BATCHNORMS)]
+    if not pairs:
+        return None
+    eps, momentum = Counter(pairs).most_common(1)[0][0]  # ties: the first layer's pair
+    return {"eps": eps, "momentum": momentum}
 
 
 @torch.no_grad()

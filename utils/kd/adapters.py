@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from utils.torch_utils import initialize_weights
+
 
 class ChannelAdapter(nn.Module):
-    """1x1 convolution (no bias) + BatchNorm mapping (bs, c_in, h, w) to (bs, c_out, h, w).
+    """1x1 convolution (no bias) + BatchNorm (eps 1e-3, momentum 0.03) mapping (bs, c_in, h, w) to (bs, c_out, h, w).
 
     Args:
         c_in: student channels.
@@ -22,6 +24,7 @@ class ChannelAdapter(nn.Module):
         self.bn = nn.BatchNorm2d(c_out)
         # linear gain with fan_in keeps the feature variance through the projection
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_in", nonlinearity="linear")
+        initialize_weights(self)  # the same BatchNorm settings as the YOLOv5 v6.0 models it sits between
 
     def forward(self, x):
         return self.bn(self.conv(x))

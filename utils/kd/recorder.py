@@ -29,7 +29,9 @@ class FeatureRecorder:
     Args:
         model: the module whose submodules are recorded.
         names: ``named_modules()`` names; the output of each is recorded as returned (lists/tuples as they are).
-            A module called twice in one forward keeps its last output.
+            A module called twice in one forward keeps its last output. Record whole blocks (``model.17``, a Conv,
+            a C3): the activations are in place (as in YOLOv5), so the output of a bare BatchNorm inside a Conv is
+            overwritten by its activation right after the hook sees it.
         detach: store detached outputs (no gradient path back into the model).
 
     Raises:
