@@ -21,11 +21,11 @@ from utils.loss import scale_hyp_gains
 COCO_NAMES, VOC_NAMES = list(COCO), list(VOC)
 
 
-def coco_voc_task(tmp_path, student_names=VOC_NAMES):
-    teacher = Model(tiny_model_cfg(len(COCO_NAMES), 0.25))
-    path = save_model(teacher, tmp_path / "coco.pt", COCO_NAMES)
+def coco_voc_task(tmp_path, student_names=VOC_NAMES, teacher_names=COCO_NAMES, class_map_file=None):
+    teacher = Model(tiny_model_cfg(len(teacher_names), 0.25))
+    path = save_model(teacher, tmp_path / "teacher.pt", teacher_names)
     teacher = load_teacher(str(path), torch.device("cpu"))
-    index = teacher_class_index(student_names, teacher.names)
+    index = teacher_class_index(student_names, teacher.names, class_map_file)
     student = Model(tiny_model_cfg(len(student_names)))
     student.hyp = scale_hyp_gains({**HYP, "label_smoothing": 0.0}, 3, len(student_names), 64)
     student.gr = 1.0
@@ -99,3 +99,52 @@ def test_kd_run_with_superset_teacher(shapes_data, tiny_cfgs, tmp_path):
     df = pd.read_csv(Path(opt.save_dir) / "results.csv")
     df.columns = [c.strip() for c in df.columns]
     assert df["train/kd_cls"].iloc[-1] > 0
+
+
+def test_single_class_student_of_multi_class_teacher(tmp_path, caplog):
+    teacher_names = [f"class{i}" for i in range(10)]
+    with caplog.at_level(logging.INFO, logger="yolov5"):
+        task, index = coco_voc_task(tmp_path, ["item"], teacher_names)
+    assert index is None and task.single_class and task.t_cls_index is None
+    assert "class KD is skipped" in caplog.text and "best-class confidence" in caplog.text
+    imgs = torch.rand(2, 3, 64, 64)
+    targets = torch.tensor([[0, 0, 0.5, 0.5, 0.3, 0.4], [1, 0, 0.3, 0.6, 0.2, 0.2]])
+    preds, _ = task.trainable(imgs)
+    t_maps, _ = task.teacher_forward(imgs)
+    assert [m.shape[-1] for m in preds] == [6] * 3 and [m.shape[-1] for m in t_maps] == [15] * 3
+    # the student's objectness learns p' = sigmoid(t_obj) * max_c sigmoid(t_c), weighted by p' (l2 on logit(p'))
+    want_obj = 0.0
+    for s, t in zip(preds, t_maps):
+        p = t[..., 4].double().sigmoid() * t[..., 5:].double().sigmoid().amax(-1)
+        want_obj += float(((s[..., 4].detach().double() - torch.log(p / (1 - p))) ** 2 * p).mean())
+    loss, items = task.train_step(task.trainable, imgs, targets)
+    assert torch.isfinite(loss) and torch.all(torch.isfinite(items))
+    assert items[5] == 0, "no class KD for a single-class student"
+    assert items[3] > 0 and items[4] > 0
+    gain = task.hyp.get("kd", 1.0) * task.cfg.alpha * task.factor * task.hyp["obj"]
+    assert items[4].item() == pytest.approx(want_obj * gain, rel=1e-4)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in task.trainable.parameters() if p.grad is not None)
+
+
+def test_single_class_student_with_class_map_distils_that_class(tmp_path):
+    class_map = tmp_path / "map.yaml"
+    class_map.write_text("item: person\n")
+    task, index = coco_voc_task(tmp_path, ["item"], COCO_NAMES, str(class_map))
+    assert index == [0] and not task.single_class and task.t_obj_scale
+    loss, items = task.train_step(task.trainable, torch.rand(2, 3, 64, 64), torch.zeros((0, 6)))
+    assert torch.isfinite(loss) and items[5] > 0
+
+
+def test_kd_run_single_cls_student_multi_class_teacher(shapes_data, tiny_cfgs, tmp_path):
+    names = list(yaml_load(shapes_data)["names"])
+    assert len(names) > 1
+    teacher = save_model(Model(tiny_model_cfg(len(names), 0.25)), tmp_path / "t.pt", names)
+    opt = train_kd.run(**kd_args(shapes_data, tiny_cfgs["student"], teacher, tmp_path, feat_loss=["at"],
+                                 single_cls=True))
+    df = pd.read_csv(Path(opt.save_dir) / "results.csv")
+    df.columns = [c.strip() for c in df.columns]
+    assert (df["train/kd_cls"] == 0).all() and (df["train/kd_obj"] > 0).all()
+    assert all(pd.notna(df[c]).all() for c in ("train/box_loss", "train/kd_box", "train/kd_feat"))
+    ckpt = torch.load(Path(opt.save_dir) / "weights/last.pt", weights_only=True)
+    assert ckpt["model"]["state_dict"]["model.24.m.0.weight"].shape[0] == 3 * 6, "student head has 1 class"

@@ -89,12 +89,94 @@ def test_output_terms_gradient_to_student_only(kind):
     assert all(t.grad is None for t in t_maps)
 
 
-def test_half_inputs_are_cast_to_float32():
-    s_maps, t_maps = _maps(6), _maps(7)
-    half = output_kd_terms(s_maps, [t.half() for t in t_maps])
-    assert all(h.dtype == torch.float32 for h in half)
-    full = output_kd_terms(s_maps, [t.half().float() for t in t_maps])
-    assert all(torch.equal(a, b) for a, b in zip(half, full))
+@pytest.mark.parametrize("kind", ["l2", "kl", "bce"])
+@pytest.mark.parametrize("s_dtype,t_dtype", [(torch.float16, torch.float16), (torch.float32, torch.float16),
+                                             (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)])
+def test_inputs_of_any_precision_are_computed_in_float32(kind, s_dtype, t_dtype):
+    # The reference loops run in python floats on the values the inputs actually hold (fp16/bf16-rounded), so a
+    # float32 computation agrees to ~1e-6; one done in fp16/bf16 is off by ~1e-3 and one in float64 has that dtype.
+    s_maps = [m.to(s_dtype) for m in _maps(6)]
+    t_maps = [m.to(t_dtype) for m in _maps(7)]
+    got = output_kd_terms(s_maps, t_maps, kind=kind, temperature=2.0)
+    want = _reference_terms(s_maps, t_maps, kind, temperature=2.0)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        assert g.item() == pytest.approx(w, rel=2e-5, abs=1e-7)
+
+
+def test_class_mass_stays_float32_under_autocast():
+    # bf16 autocast on CPU stands in for fp16 autocast on CUDA: both run matmuls in 16 bits (~3 significant
+    # digits), which would put a ~1e-3 error into the mass and through it into every weighted term
+    t = _maps(21, nc=10, scale=3.0)[0]
+    s = _maps(22, nc=4, shapes=((2, 3, 4, 4),))[0]
+    index = torch.tensor([0, 3, 7, -1])
+    sig = t[..., 5:].double().sigmoid()
+    want = sig[..., [0, 3, 7]].sum(-1) / sig.sum(-1)
+    plain = output_kd_terms([s], [t], t_cls_index=index)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m = class_mass_scale(t, index)
+        cast = output_kd_terms([s], [t], t_cls_index=index)
+    assert m.dtype == torch.float32
+    assert (m.double() - want).abs().max().item() < 1e-6
+    for a, b in zip(cast, plain):
+        assert a.dtype == torch.float32 and a.item() == pytest.approx(b.item(), rel=1e-5)
+
+
+def _logit(p):
+    return math.log(p / (1 - p))
+
+
+def test_single_class_student_hand_case():
+    # one cell, teacher with 3 classes whose best class (logit 2.0) sets the confidence the student learns
+    t = torch.tensor([0.1, -0.2, 0.3, 0.4, 1.5, -1.0, 2.0, 0.5]).view(1, 1, 1, 1, 8)
+    s = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.3, 0.7]).view(1, 1, 1, 1, 6)
+    p = _sig(1.5) * _sig(2.0)  # p' = 0.8176 * 0.8808 = 0.7201
+    box_want = (0.1 ** 2 + 0.2 ** 2 + 0.3 ** 2 + 0.4 ** 2) * p / 4
+    box, obj, cls = output_kd_terms([s], [t], kind="l2", single_class=True)
+    assert box.item() == pytest.approx(box_want, rel=1e-6)
+    assert obj.item() == pytest.approx((0.3 - _logit(p)) ** 2 * p, rel=1e-5)
+    assert cls.item() == 0 and cls.dtype == torch.float32
+    q = _sig(0.3)
+    _, bce_obj, bce_cls = output_kd_terms([s], [t], kind="bce", single_class=True)
+    assert bce_obj.item() == pytest.approx(-(p * math.log(q) + (1 - p) * math.log(1 - q)) * p, rel=1e-5)
+    assert bce_cls.item() == 0
+    kl = output_kd_terms([s], [t], kind="kl", single_class=True)
+    assert kl[1].item() == pytest.approx(obj.item(), rel=1e-6) and kl[2].item() == 0
+
+
+@pytest.mark.parametrize("kind", ["l2", "bce"])
+def test_single_class_student_matches_loop_and_gets_no_class_gradient(kind):
+    s_maps = [m.requires_grad_(True) for m in _maps(23, nc=1)]
+    t_maps = _maps(24, nc=6)
+    box, obj, cls = output_kd_terms(s_maps, t_maps, kind=kind, single_class=True)
+    want_box = want_obj = 0.0
+    for s_level, t_level in zip(s_maps, t_maps):
+        cells = list(zip(s_level.detach().reshape(-1, 6).tolist(), t_level.reshape(-1, 11).tolist()))
+        lb = lo = 0.0
+        for sc, tc in cells:
+            p = _sig(tc[4]) * max(_sig(v) for v in tc[5:])
+            lb += sum((sc[k] - tc[k]) ** 2 for k in range(4)) * p / 4
+            if kind == "bce":
+                q = _sig(sc[4])
+                lo += -(p * math.log(q) + (1 - p) * math.log(1 - q)) * p
+            else:
+                lo += (sc[4] - _logit(p)) ** 2 * p
+        want_box, want_obj = want_box + lb / len(cells), want_obj + lo / len(cells)
+    assert box.item() == pytest.approx(want_box, rel=1e-5)
+    assert obj.item() == pytest.approx(want_obj, rel=1e-5)
+    assert cls.item() == 0
+    (box + obj + cls).backward()
+    assert all(s.grad[..., 5].abs().max() == 0 and s.grad[..., 4].abs().max() > 0 for s in s_maps)
+
+
+def test_single_class_mode_is_explicit():
+    one, many = _maps(25, nc=1), _maps(26, nc=4)
+    with pytest.raises(ValueError, match="single_class=True"):
+        output_kd_terms(one, many)
+    with pytest.raises(ValueError, match="1-class student"):
+        output_kd_terms(_maps(27, nc=2), many, single_class=True)
+    with pytest.raises(ValueError, match="no t_cls_index"):
+        output_kd_terms(one, many, t_cls_index=torch.tensor([0]), single_class=True)
 
 
 def test_eval_mode_teacher_output_is_accepted():

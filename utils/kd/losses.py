@@ -69,8 +69,13 @@ def class_mass_scale(t_maps_level, t_cls_index):
 
 
 def _mass(t_cls, teacher_mask):
-    p = t_cls.sigmoid()  # (bs, na, ny, nx, nc_t)
-    return (p @ teacher_mask) / p.sum(-1).clamp(min=_TINY)
+    """(bs, na, ny, nx) float32 share of sigmoid mass on masked channels of t_cls (bs, na, ny, nx, nc_t).
+
+    A multiply-and-sum, not ``p @ teacher_mask``: autocast runs matmuls in fp16/bf16 (a ~1e-3 error in m) but
+    leaves elementwise products and sums in float32.
+    """
+    p = t_cls.float().sigmoid()  # (bs, na, ny, nx, nc_t)
+    return (p * teacher_mask.float()).sum(-1) / p.sum(-1).clamp(min=_TINY)
 
 
 def _scaled_logit(t_obj, m):
@@ -96,12 +101,25 @@ def _class_elements(kind, s_cls, t_cls, temperature, student_mask):
     return (s_cls - t_cls).square()
 
 
-def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask):
+def _objectness_scale(t_cls, teacher_mask, single_class):
+    """Factor m (bs, na, ny, nx) on the teacher's objectness probability, or None to leave it as it is.
+
+    A single-class student learns the teacher's best-class confidence, so m = max_c sigmoid(t_c); with class
+    mapping m is the teacher's class mass on mapped classes (:func:`class_mass_scale`).
+    """
+    if single_class:
+        return t_cls.sigmoid().amax(-1)
+    if teacher_mask is not None:
+        return _mass(t_cls, teacher_mask)
+    return None
+
+
+def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, single_class=False):
     """(box, obj, cls) scalars for one level; index/masks are None without class mapping."""
     s, t = s.float(), t.detach().float()
     t_obj = t[..., 4]  # (bs, na, ny, nx)
-    if teacher_mask is not None:
-        m = _mass(t[..., 5:], teacher_mask)
+    m = _objectness_scale(t[..., 5:], teacher_mask, single_class)
+    if m is not None:
         w = torch.sigmoid(t_obj) * m
         obj_target = w if kind == "bce" else _scaled_logit(t_obj, m)
     else:
@@ -113,6 +131,8 @@ def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask):
         obj = (F.binary_cross_entropy_with_logits(s[..., 4], obj_target, reduction="none") * w).mean()
     else:
         obj = ((s[..., 4] - obj_target).square() * w).mean()
+    if single_class:  # the student's one class has no teacher channel to learn from
+        return box, obj, s.new_zeros(())
     t_cls = t[..., 5:] if index is None else t[..., 5:].index_select(-1, index.clamp(min=0))
     elements = _class_elements(kind, s[..., 5:], t_cls, temperature, student_mask) * w[..., None]
     if student_mask is None:
@@ -123,7 +143,8 @@ def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask):
     return box, obj, cls
 
 
-def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=None, t_obj_scale=None):
+def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=None, t_obj_scale=None,
+                    single_class=False):
     """Objectness-weighted output distillation, summed over detection levels.
 
     Per level with w = sigmoid(t_obj): box = mean((s_xywh - t_xywh)^2 * w); obj = mean((s_obj - t_obj)^2 * w);
@@ -136,6 +157,10 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
     m = :func:`class_mass_scale`, p' = sigmoid(t_obj) * m replaces the teacher's objectness everywhere (w = p', the
     'l2' obj target is logit(p'), the 'bce' obj target is p'), so objects of teacher-only classes teach nothing.
 
+    Single-class student (single_class=True, nc_s == 1, e.g. trained with --single-cls) and a multi-class teacher:
+    cls is 0 (no teacher channel corresponds to "any object") and p' = sigmoid(t_obj) * max_c sigmoid(t_c) replaces
+    the teacher's objectness as above, so the student's confidence learns the teacher's best-class confidence.
+
     Args:
         s_maps: student raw maps, list of (bs, na, ny, nx, 5 + nc_s) logits (train-mode Detect output).
         t_maps: teacher raw maps, same shapes except the last dim 5 + nc_t; an eval-mode (decoded, maps) works too.
@@ -145,6 +170,7 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
             class, -1 where none (see utils.kd.classmap.match_classes). Pass it on the maps' device.
         t_obj_scale: objectness scaling on/off; None scales whenever t_cls_index is given. Pass False when every
             teacher class is mapped (utils.kd.classmap.needs_obj_scaling) to skip work that would multiply by 1.
+        single_class: the student has one class and learns from the teacher's best class (no t_cls_index).
 
     Returns:
         (box, obj, cls): float32 scalars.
@@ -156,19 +182,24 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
         raise ValueError(f"student has {len(s_maps)} detection levels, teacher {len(t_maps)}; they must match")
     nc_s, nc_t = s_maps[0].shape[-1] - 5, t_maps[0].shape[-1] - 5
     index = student_mask = teacher_mask = None
-    if t_cls_index is not None:
+    if single_class:
+        if nc_s != 1 or t_cls_index is not None:
+            raise ValueError(f"single_class=True needs a 1-class student and no t_cls_index; the student has {nc_s} "
+                             f"classes{' and t_cls_index was given' if t_cls_index is not None else ''}")
+    elif t_cls_index is not None:
         index, student_mask = _as_index(t_cls_index, nc_s, nc_t, s_maps[0].device)
         if t_obj_scale is None or t_obj_scale:
             teacher_mask = _teacher_class_mask(index, student_mask, nc_t)
     elif nc_s != nc_t:
         raise ValueError(f"student has {nc_s} classes, teacher {nc_t}: pass t_cls_index (match_classes) or a "
-                         f"--class_map file to say which teacher class teaches which student class")
+                         f"--class_map file to say which teacher class teaches which student class"
+                         f"{' (or single_class=True for a 1-class student)' if nc_s == 1 else ''}")
     terms = []
     for s, t in zip(s_maps, t_maps):
         if s.shape[:-1] != t.shape[:-1]:
             raise ValueError(f"student map {tuple(s.shape)} and teacher map {tuple(t.shape)} differ before the "
                              f"class dim; anchors per level, strides and input size must match")
-        terms.append(_level_terms(s, t, kind, temperature, index, student_mask, teacher_mask))
+        terms.append(_level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, single_class))
     box, obj, cls = (sum(parts) for parts in zip(*terms))
     return box, obj, cls
 

@@ -16,10 +16,11 @@ KD_LOSS_NAMES = ("kd_box", "kd_obj", "kd_cls", "kd_feat")
 
 
 def load_teacher(weights, device: torch.device) -> nn.Module:
-    """The teacher as an inference model: BatchNorm folded, eval mode, no gradients, fp16 + channels_last on CUDA,
-    and a Detect head that returns its raw maps without decoding boxes (``teacher(x)`` gives ``(None, maps)``).
+    """The teacher as a float32 inference model on device: BatchNorm folded, eval mode, no gradients, and a Detect
+    head that returns its raw maps without decoding boxes (``teacher(x)`` gives ``(None, maps)``).
 
-    Accepts our checkpoints (plain or KD runs) and official YOLOv5 checkpoints.
+    Accepts our checkpoints (plain or KD runs) and official YOLOv5 checkpoints. Stays float32 so that anchors and
+    strides are compared exactly (check_teacher); ``teacher_precision`` then casts it for the device.
     """
     from pathlib import Path
 
@@ -31,15 +32,27 @@ def load_teacher(weights, device: torch.device) -> nn.Module:
     teacher = model_from_checkpoint(load_checkpoint(weights, map_location="cpu"))
     teacher = teacher.fuse().eval().requires_grad_(False).to(device)
     teacher.model[-1].decode = False  # KD reads the raw maps only: skip building boxes every step
+    return teacher
+
+
+def teacher_precision(teacher: nn.Module, device: torch.device) -> nn.Module:
+    """fp16 + channels_last on CUDA (call after check_teacher and layer pairing); unchanged elsewhere."""
     if device.type == "cuda":
         teacher = teacher.half().to(memory_format=torch.channels_last)
     return teacher
 
 
 def teacher_class_index(student_names, teacher_names, class_map_file=None, data=""):
-    """Teacher class per student class (None when the class lists are identical). Prints the mapping table."""
+    """Teacher class per student class, or None when there is nothing to map: identical class lists, or a 1-class
+    student (--single-cls) of a multi-class teacher without --class_map, which DistillationTask distils in
+    single-class mode (output_kd_terms(single_class=True)). Prints the mapping table or the mode."""
     student_names, teacher_names = list(student_names), list(teacher_names)
     if student_names == teacher_names and not class_map_file:
+        return None
+    if len(student_names) == 1 < len(teacher_names) and not class_map_file:
+        LOGGER.info(f"{colorstr('KD classes: ')}1-class student, {len(teacher_names)}-class teacher: class KD is "
+                    f"skipped and objectness learns the teacher's best-class confidence (pass --class_map to "
+                    f"distil one teacher class instead)")
         return None
     class_map = load_class_map(class_map_file) if class_map_file else None
     index = match_classes(student_names, teacher_names, class_map)
@@ -104,6 +117,7 @@ class DistillationTask(DetectionTask):
         self.student = KDStudent(model, self.distiller.adapters, self.distiller.s_names)
         self.t_cls_index = None if t_cls_index is None else torch.tensor(t_cls_index, device=device)
         self.t_obj_scale = t_cls_index is not None and needs_obj_scaling(t_cls_index, teacher.model[-1].nc)
+        self.single_class = t_cls_index is None and model.model[-1].nc == 1 < teacher.model[-1].nc
         self.factor = 1.0
         self.hyp = {}
 
@@ -142,7 +156,8 @@ class DistillationTask(DetectionTask):
             return loss + Distiller.keep_in_graph(s_feats), torch.cat((items, zeros))
         t_maps, t_feats = self.teacher_forward(imgs)
         box, obj, cls = output_kd_terms(preds, t_maps, kind=self.cfg.output_loss, temperature=self.cfg.temperature,
-                                        t_cls_index=self.t_cls_index, t_obj_scale=self.t_obj_scale)
+                                        t_cls_index=self.t_cls_index, t_obj_scale=self.t_obj_scale,
+                                        single_class=self.single_class)
         hyp, cfg = self.hyp, self.cfg
         kd_gain = hyp.get("kd", 1.0) * cfg.alpha * self.factor
         out_terms = torch.stack((box * hyp.get("giou", 0.05), obj * hyp["obj"], cls * hyp["cls"])) * kd_gain
@@ -162,17 +177,19 @@ class DistillationTask(DetectionTask):
 
     @classmethod
     def build(cls, model: nn.Module, trainer) -> "DistillationTask":
-        """Load and check the teacher, match classes, pair layers, build adapters (before the optimizer)."""
+        """Load and check the teacher, match classes, pair layers, build adapters (before the optimizer).
+
+        The engine calls this before it scans any dataset, so a bad teacher stops the run at once."""
         opt = trainer.opt
         cfg = kd_config_from_opt(opt)
         teacher = load_teacher(opt.teacher_weight, trainer.device)
         index = teacher_class_index(trainer.names, teacher.names, cfg.class_map, opt.data)
-        check_teacher(model, teacher)
+        check_teacher(model, teacher)  # float32 anchors: compared and copied before any fp16 cast
         pairs = kd_pairs(model, teacher, cfg, imgsz=trainer.gs * 2)
         for p in pairs:
             LOGGER.info(f"{colorstr('KD pair: ')}student {p.s_name} ({p.s_channels} ch) <- teacher {p.t_name} "
                         f"({p.t_channels} ch), stride {p.stride}")
-        return cls(model, teacher, cfg, pairs, index)
+        return cls(model, teacher_precision(teacher, trainer.device), cfg, pairs, index)
 
 
 def kd_pairs(model: nn.Module, teacher: nn.Module, cfg: KDConfig, imgsz: int = 64) -> list:
