@@ -63,7 +63,7 @@ def parse_opt(argv=None) -> argparse.Namespace:
 def common_args(opt, epochs: int) -> dict:
     return dict(data=opt.data, hyp=opt.hyp, optimizer=opt.optimizer, imgsz=opt.imgsz, batch_size=opt.batch_size,
                 epochs=epochs, weights="", workers=opt.workers, device=opt.device, project=opt.project,
-                exist_ok=True, seed=opt.seed, noval=True)
+                exist_ok=True, seed=opt.seed, noval=True, linear_lr=True)
 
 
 def train_teacher(opt) -> tuple[Path, tuple | None]:

@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
 
 import torch.distributed as dist  # noqa: E402
 
-from utils.engine import DetectionTask, Trainer, distributed_env  # noqa: E402
+from utils.engine import HYP_DEFAULTS, DetectionTask, Trainer, distributed_env  # noqa: E402
 from utils.general import LOGGER, find_file, get_latest_run, increment_path, print_args, set_logging, yaml_load, yaml_save  # noqa: E402
 from utils.loggers import RunLogger  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="exp", help="save to project/name")
     p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
     p.add_argument("--quad", action="store_true", help="accepted for compatibility; not used")
-    p.add_argument("--cos-lr", action="store_true", help="cosine LR scheduler")
-    p.add_argument("--linear-lr", action="store_true", help="linear LR (the default; v6.0 flag)")
+    p.add_argument("--cos-lr", action="store_true", help="cosine LR scheduler (already the default, as in v6.0)")
+    p.add_argument("--linear-lr", action="store_true", help="linear LR instead of the default cosine")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing epsilon")
     p.add_argument("--patience", type=int, default=100, help="EarlyStopping patience (epochs without improvement)")
     p.add_argument("--freeze", nargs="+", type=int, default=[0], help="freeze first N layers, or layer indices")
@@ -118,6 +118,7 @@ def prepare_run(opt: argparse.Namespace, parser=None):
         hyp = yaml_load(hyp_file)
     else:
         hyp = dict(opt.hyp)
+    hyp.update({k: v for k, v in HYP_DEFAULTS.items() if k not in hyp})  # hyp.yaml records what the run used
     if rank in (-1, 0):
         save_dir = Path(opt.save_dir)
         (save_dir / "weights").mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,17 @@ from utils.kd.losses import FEATURE_LOSSES, OUTPUT_KD_KINDS  # noqa: E402
 from utils.kd.task import DistillationTask  # noqa: E402
 
 
+DEFAULT_FEAT_LOSS = ("at",)  # with output KD: the best measured recipe, and what the original scripts did
+
+
+def _bool_word(value: str) -> bool:
+    """'True'/'False' (any case, or 1/0, yes/no) as a bool, for flags the original scripts took as words."""
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if str(value).lower() not in words:
+        raise argparse.ArgumentTypeError(f"expected True or False, got '{value}'")
+    return words[str(value).lower()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """train.py's parser plus the distillation flags, so the two command lines cannot drift apart."""
     p = train.build_parser()
@@ -38,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=20.0, help="softmax temperature of the kl output loss")
     g.add_argument("--alpha", type=float, default=1.0, help="weight of output KD")
     g.add_argument("--beta", type=float, default=1.0, help="weight of feature KD")
-    g.add_argument("--feat_loss", "--feat-loss", nargs="+", choices=[*FEATURE_LOSSES, "none"], default=["none"],
-                   help="feature KD losses (one or more)")
+    g.add_argument("--feat_loss", "--feat-loss", nargs="+", choices=[*FEATURE_LOSSES, "none"],
+                   default=list(DEFAULT_FEAT_LOSS),
+                   help="feature KD losses (one or more; 'none' for output KD only). Default: attention transfer, "
+                        "the best recipe measured so far (output KD + at, bench/README.md)")
     g.add_argument("--ratio", type=float, default=0.25, help="background weight of the GT mask (at_masked)")
     g.add_argument("--cwd_tau", "--cwd-tau", type=float, default=1.0, help="temperature of channel-wise KD")
     g.add_argument("--kd_layers", "--kd-layers", nargs="+", default=None,
@@ -52,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="switch KD off from this epoch on (-1: never)")
     g.add_argument("--class_map", "--class-map", type=str, default="",
                    help="YAML {dataset class name: teacher class name} when the teacher has other classes")
-    g.add_argument("--isL", action="store_true", help="ignored: layer pairing is automatic now")
+    g.add_argument("--isL", nargs="?", const=True, default=None, type=_bool_word,
+                   help="accepted for the original scripts' command lines (--isL, --isL True, --isL False) and "
+                        "ignored: layers and channels are paired automatically")
     return p
 
 
@@ -61,8 +76,8 @@ def main(opt: argparse.Namespace, parser=None):
     parser = parser or build_parser()
     if opt.resume:  # the resumed run's own options decide between KD and plain training
         opt = train.resolve_resume(opt, parser)
-    if getattr(opt, "isL", False):
-        LOGGER.info("note: --isL is ignored; teacher/student layers and channels are paired automatically")
+    if getattr(opt, "isL", None) is not None:
+        LOGGER.info(f"note: --isL {opt.isL} is ignored; teacher/student layers and channels are paired automatically")
     if not opt.kd:
         return train.main(opt, task_factory=DetectionTask.build, parser=parser)
     if not opt.resume and not opt.teacher_weight:

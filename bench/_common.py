@@ -63,12 +63,12 @@ def build_teacher(size: str, device: torch.device, tmp, names) -> nn.Module:
     load_teacher, as train_kd.py does (fused, eval, no grad; fp16 + channels_last on CUDA)."""
     from models.yolo import Model
     from utils.checkpoint import build_checkpoint, save_checkpoint
-    from utils.kd.task import load_teacher
+    from utils.kd.task import load_teacher, teacher_precision
 
     source = Model(str(ROOT / f"models/yolov5{size}.yaml"), ch=3, nc=NC)
     source.names = list(names)
     path = save_checkpoint(build_checkpoint(source), Path(tmp) / f"yolov5{size}_teacher.pt")
-    return load_teacher(str(path), device)
+    return teacher_precision(load_teacher(str(path), device), device)
 
 
 def build_tasks(teacher_size: str, student_size: str, imgsz: int, device: torch.device, variants) -> tuple:

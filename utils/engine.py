@@ -29,6 +29,10 @@ from utils.general import LOGGER, check_img_size, colorstr
 from utils.torch_utils import ModelEMA, init_seeds, tune_cpu_allocator
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run is stopped
+# Later-YOLOv5 behaviours as hyp keys; these defaults are YOLOv5 v6.0's (hyp.demo.yaml sets other values).
+WARMUP_MIN_ITERS = 1000  # hyp 'warmup_min_iters': warm-up lasts at least this many iterations
+GRAD_CLIP_NORM = 0.0  # hyp 'grad_clip_norm': clip the gradient norm of the trainable module to this (0: off)
+HYP_DEFAULTS = {"nbs": 64, "warmup_min_iters": WARMUP_MIN_ITERS, "grad_clip_norm": GRAD_CLIP_NORM}
 
 
 class DetectionTask:
@@ -117,12 +121,30 @@ def smart_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.01, momen
     return optimizer
 
 
-def lr_lambda(epochs: int, lrf: float, cosine: bool):
-    """Learning-rate multiplier per epoch: linear or cosine from 1 down to lrf at the last epoch."""
-    span = max(epochs - 1, 1)
+def lr_lambda(epochs: int, lrf: float, cosine: bool = True):
+    """Learning-rate multiplier per epoch, as YOLOv5 v6.0 schedules it.
+
+    cosine (v6.0's default, 'one cycle'): 1 at epoch 0 falling along half a cosine to lrf at epoch ``epochs`` (one
+    past the last epoch, so the last epoch still trains slightly above lrf). linear (--linear-lr): 1 at epoch 0
+    down to exactly lrf at the last epoch, ``epochs - 1``.
+    """
     if cosine:
+        span = max(epochs, 1)
         return lambda e: ((1 - math.cos(e * math.pi / span)) / 2) * (lrf - 1) + 1
+    span = max(epochs - 1, 1)
     return lambda e: (1 - e / span) * (1.0 - lrf) + lrf
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm inside module (in place) by SyncBatchNorm with the same weights and statistics.
+
+    Works on a wrapper such as KDStudent, so KD adapters synchronise their BatchNorm like the student does.
+    """
+    for name, child in list(module.named_children()):
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(child)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
 
 
 class EarlyStopping:
@@ -173,7 +195,7 @@ class Trainer:
         self.nc = 1 if opt.single_cls else int(self.data["nc"])
         self.names = ["item"] if opt.single_cls and len(self.data["names"]) != 1 else list(self.data["names"])
         self.ckpt = self._load_start_checkpoint()
-        self.model = self._sync_batchnorm(self._build_model()).to(device)
+        self.model = self._build_model().to(device)
         self._freeze_layers()
         self.gs = max(int(self.model.stride.max()), 32)
         self.imgsz = check_img_size(opt.imgsz, self.gs, floor=self.gs * 2)
@@ -181,13 +203,17 @@ class Trainer:
         self.nbs = int(hyp.get("nbs", 64))  # nominal batch size: gradients accumulate up to it
         self.accumulate = max(round(self.nbs / opt.batch_size), 1)
         self.hyp = self._scaled_hyp(hyp)
-        self._build_loaders()
+        # The task comes before the data: a KD teacher that is missing or does not fit the student stops the run
+        # before any dataset is scanned or cached.
         self.task = task_factory(self.model, self)
+        self._sync_batchnorm(self.task.trainable)
+        self._build_loaders()
         self._check_anchors()
         self._attach_model_attributes()
         self.task.setup(self)
         self._build_optimization()
         self.start_epoch, self.best_fitness = 0, 0.0
+        self.bad_steps, self.last_opt_step = 0, -1  # consecutive non-finite batches; iteration of the last step
         if self.ckpt is not None and opt.resume:
             self._restore(self.ckpt)
         self.ckpt = None  # free the memory of the start checkpoint
@@ -206,6 +232,8 @@ class Trainer:
 
     def _build_model(self) -> nn.Module:
         from models.yolo import Model
+        from utils.checkpoint import checkpoint_batchnorm
+        from utils.torch_utils import initialize_weights
 
         opt, ckpt = self.opt, self.ckpt
         anchors = None  # the YAML's anchors; AutoAnchor or a KD teacher may replace them later
@@ -215,6 +243,10 @@ class Trainer:
             return Model(opt.cfg or "yolov5s.yaml", ch=3, nc=self.nc, anchors=anchors)
         cfg = opt.cfg or ckpt["model"]["yaml"]
         model = Model(cfg, ch=3, nc=self.nc, anchors=anchors)
+        if opt.resume:  # a run saved before v6.0's BatchNorm settings were adopted continues with its own
+            settings = checkpoint_batchnorm(ckpt)
+            if settings:
+                initialize_weights(model, **settings)
         source = ckpt["model"]["state_dict"]
         exclude = ("anchor",) if (opt.cfg or anchors) and not opt.resume else ()
         own = model.state_dict()
@@ -224,15 +256,15 @@ class Trainer:
         LOGGER.info(f"Transferred {len(state)}/{len(own)} items from {opt.weights}")
         return model
 
-    def _sync_batchnorm(self, model: nn.Module) -> nn.Module:
-        """--sync-bn: BatchNorm statistics over all GPUs (DDP on CUDA only)."""
+    def _sync_batchnorm(self, trainable: nn.Module) -> None:
+        """--sync-bn: BatchNorm statistics over all GPUs (DDP on CUDA only), for the model and any KD adapters."""
         if not self.opt.sync_bn:
-            return model
+            return
         if not self.cuda or self.rank == -1:
             LOGGER.warning("WARNING: --sync-bn needs DDP on CUDA (torchrun with several GPUs); ignoring it")
-            return model
+            return
         LOGGER.info("Using SyncBatchNorm()")
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        convert_sync_batchnorm(trainable)
 
     def _freeze_layers(self) -> None:
         freeze = list(self.opt.freeze or [0])
@@ -292,7 +324,9 @@ class Trainer:
         opt, hyp = self.opt, self.hyp
         self.optimizer = smart_optimizer(self.task.trainable, opt.optimizer, hyp["lr0"], hyp["momentum"],
                                          hyp["weight_decay"])
-        self.lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr)
+        if opt.linear_lr and getattr(opt, "cos_lr", False):
+            LOGGER.warning("WARNING: --cos-lr and --linear-lr both given; --linear-lr wins (cosine is the default)")
+        self.lf = lr_lambda(opt.epochs, hyp["lrf"], cosine=not opt.linear_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
         self.ema = ModelEMA(self.model) if self.main else None
         self.amp = self.cuda  # mixed precision on CUDA only; CPU trains in float32
@@ -368,7 +402,7 @@ class Trainer:
     def warmup(self, ni: int, epoch: int) -> None:
         """Ramp learning rates (biases down from warmup_bias_lr, others up from 0), momentum and accumulation."""
         hyp = self.hyp
-        nw = max(round(hyp["warmup_epochs"] * self.nb), 100)
+        nw = max(round(hyp["warmup_epochs"] * self.nb), int(hyp.get("warmup_min_iters", WARMUP_MIN_ITERS)))
         if ni > nw:
             return
         xi = [0, nw]
@@ -403,18 +437,16 @@ class Trainer:
             LOGGER.info(("\n" + "%10s" * (4 + len(names))) % ("Epoch", "gpu_mem", *names, "labels", "img_size"))
             batches = tqdm(batches, total=self.nb, bar_format="{l_bar}{bar:10}{r_bar}{bar:-10b}")
         self.optimizer.zero_grad()
-        finite_steps, self.bad_steps = 0, getattr(self, "bad_steps", 0)
+        finite_steps = 0
         for i, (imgs, targets, paths, _) in batches:
             ni = i + self.nb * epoch
             self.warmup(ni, epoch)
             imgs = self.preprocess(imgs)
-            with torch.amp.autocast("cuda", enabled=self.amp):
-                loss, items = self.task.train_step(self.module, imgs, targets.to(self.device))
-            if not self._loss_is_finite(loss):
+            items = self.forward_backward(imgs, targets.to(self.device))
+            if items is None:
                 self._skip_bad_step(epoch)
                 continue
-            self.scaler.scale(loss).backward()
-            if ni - getattr(self, "last_opt_step", -1) >= self.accumulate:
+            if ni - self.last_opt_step >= self.accumulate:
                 self.optimizer_step()
                 self.last_opt_step = ni
             mean_loss = (mean_loss * finite_steps + items.detach()) / (finite_steps + 1)
@@ -426,10 +458,33 @@ class Trainer:
                 self._emit("on_train_batch_end", self, ni, imgs, targets, paths)
         return mean_loss
 
+    def forward_backward(self, imgs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """One batch: the task's loss, backpropagated into the accumulated gradients.
+
+        Args:
+            imgs: (bs, 3, h, w) float 0..1 on the device; targets: (n, 6) [image, class, xc, yc, w, h].
+
+        Returns:
+            The detached loss items, or None when the loss is not finite on any rank: then nothing is
+            backpropagated and the gradients accumulated from earlier batches are kept.
+        """
+        with torch.amp.autocast("cuda", enabled=self.amp):
+            loss, items = self.task.train_step(self.module, imgs, targets)
+        if not self._loss_is_finite(loss):
+            return None
+        if self.world_size > 1:
+            # The loss sums over this rank's images while DDP averages gradients over ranks: scale by the world
+            # size so N processes take the same step as one process with the whole batch (as YOLOv5 does).
+            loss = loss * self.world_size
+        self.scaler.scale(loss).backward()
+        return items.detach()
+
     def optimizer_step(self) -> None:
-        """Unscale, clip, step, update EMA."""
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.task.trainable.parameters(), max_norm=10.0)
+        """Step (clipping the gradient norm first when hyp grad_clip_norm > 0), then update the EMA."""
+        clip = float(self.hyp.get("grad_clip_norm", GRAD_CLIP_NORM))
+        if clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.task.trainable.parameters(), max_norm=clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad()
@@ -443,7 +498,7 @@ class Trainer:
         return bool(finite.item())
 
     def _skip_bad_step(self, epoch: int) -> None:
-        self.optimizer.zero_grad()
+        """Count a skipped batch; the bad loss was never backpropagated, so the gradients stay as they were."""
         self.bad_steps += 1
         LOGGER.warning(f"WARNING: non-finite loss in epoch {epoch}, step skipped ({self.bad_steps} in a row)")
         if self.bad_steps >= MAX_BAD_STEPS:
@@ -501,6 +556,9 @@ class Trainer:
             save_checkpoint(ckpt, self.wdir / f"epoch{epoch}.pt")
 
     def _emit(self, event: str, *args) -> None:
+        """Call the callbacks' handlers for event; only on rank 0, since callbacks write the run's files."""
+        if not self.main:
+            return
         for cb in self.callbacks:
             fn = getattr(cb, event, None)
             if fn is not None:
