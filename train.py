@@ -20,9 +20,9 @@ if str(ROOT) not in sys.path:
 import torch.distributed as dist  # noqa: E402
 
 from utils.engine import HYP_DEFAULTS, DetectionTask, Trainer, distributed_env  # noqa: E402
-from utils.general import LOGGER, find_file, get_latest_run, increment_path, print_args, set_logging, yaml_load, yaml_save  # noqa: E402
+from utils.general import LOGGER, colorstr, find_file, get_latest_run, increment_path, print_args, set_logging, yaml_load, yaml_save  # noqa: E402
 from utils.loggers import RunLogger  # noqa: E402
-from utils.torch_utils import select_device  # noqa: E402
+from utils.torch_utils import cpu_has_native_bf16, select_device, select_precision  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", nargs="+", type=int, default=[0], help="freeze first N layers, or layer indices")
     p.add_argument("--save-period", type=int, default=-1, help="save a checkpoint every N epochs (-1 disabled)")
     p.add_argument("--seed", type=int, default=0, help="global training seed")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision: fp16 on CUDA, bf16 on CPUs with native bf16 (chosen automatically when "
+                        "neither --amp nor --no-amp is given; the run's opt.yaml records the choice)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by torch.distributed.launch")
     return p
 
@@ -93,6 +96,7 @@ def prepare_run(opt: argparse.Namespace, parser=None):
     local_rank, rank, world_size = distributed_env()
     set_logging(rank=rank)
     opt = argparse.Namespace(**vars(opt))  # the caller's namespace stays as it was
+    requested = getattr(opt, "amp", None)
     if opt.resume:
         opt = resolve_resume(opt, parser)
     else:
@@ -102,6 +106,12 @@ def prepare_run(opt: argparse.Namespace, parser=None):
                 raise ValueError(f"--{flag} must not be empty")
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok or opt.resume))
     device = select_device(opt.device, batch_size=opt.batch_size)
+    precision = select_precision(device, opt.amp)
+    opt.amp = precision.enabled  # resolved here, so opt.yaml records it and --resume keeps it
+    if rank in (-1, 0):
+        native = f", native bf16: {'yes' if cpu_has_native_bf16() else 'no'}" if device.type == "cpu" else ""
+        LOGGER.info(f"{colorstr('precision:')} {precision.name}{' autocast, channels_last' if opt.amp else ''} on "
+                    f"{device.type} ({'--amp/--no-amp' if requested is not None else 'automatic'}{native})")
     if local_rank != -1:
         if opt.batch_size % world_size:
             raise ValueError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {world_size}")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from utils.boxes import box_iou, non_max_suppression, scale_coords, xywh2xyxy, xyxy2xywh, xyxy2xywhn
 from utils.general import LOGGER, ROOT, check_img_size, colorstr, increment_path, print_args, set_logging
 from utils.metrics import ConfusionMatrix, ap_per_class
-from utils.torch_utils import select_device, tune_cpu_allocator
+from utils.torch_utils import cpu_has_native_bf16, select_device, tune_cpu_allocator
 
 HEADER = ("%20s" + "%11s" * 6) % ("Class", "Images", "Labels", "P", "R", "mAP@.5", "mAP@.5:.95")
 ROW = "%20s" + "%11i" * 2 + "%11.3g" * 4
@@ -115,14 +115,16 @@ def _prepare(data, weights, model, dataloader, device, half, imgsz, batch_size, 
         data = check_dataset(data)
     if training:
         device = next(model.parameters()).device
-        half = half and device.type == "cuda"  # fp16 kernels are CUDA-only
+        half, cpu_bf16 = _reduced_precision(half, device)
         model = model.half() if half else model.float()
     else:
         device = select_device(device, batch_size)
-        half = half and device.type == "cuda"
+        half, cpu_bf16 = _reduced_precision(half, device)
         tune_cpu_allocator(device)
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
         model = _load_model(weights, device, half, data, single_cls)
+        if cpu_bf16:
+            model = model.to(memory_format=torch.channels_last)
     if dataloader is None:
         gs = max(int(model.stride.max()), 32)
         imgsz = check_img_size(imgsz, gs)
@@ -135,7 +137,17 @@ def _prepare(data, weights, model, dataloader, device, half, imgsz, batch_size, 
                                        nc=nc)[0]
     save_dir = Path(save_dir)
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
-    return model, device, half, data, dataloader, save_dir, training
+    return model, device, (half, cpu_bf16), data, dataloader, save_dir, training
+
+
+def _reduced_precision(half: bool, device: torch.device) -> tuple:
+    """(fp16 model on CUDA, bf16 autocast on CPU) for a request of reduced precision: --half on CUDA as in YOLOv5,
+    bf16 autocast on CPUs that compute bf16 natively (elsewhere it would be slower than float32)."""
+    if not half:
+        return False, False
+    if device.type == "cuda":
+        return True, False
+    return False, device.type == "cpu" and cpu_has_native_bf16()
 
 
 def _score_image(pred, labels, im_shape, shape, ratio_pad, iouv, single_cls, confusion_matrix):
@@ -218,7 +230,12 @@ def _report(seen, nt, means, rows, names, nc, verbose, training, dt, shape):
 
 def _loop(model, dataloader, device, half, compute_loss, nms_kwargs, single_cls, save_hybrid, plots,
           confusion_matrix, save, names, save_dir):
-    """Run the model over the loader. Returns (stats, seen, loss (3,), dt [pre, inference, nms] seconds, jdict)."""
+    """Run the model over the loader. Returns (stats, seen, loss (3,), dt [pre, inference, nms] seconds, jdict).
+
+    half is (fp16 model, bf16 autocast on CPU), from _reduced_precision."""
+    half, cpu_bf16 = half
+    first = next(model.parameters())
+    channels_last = first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last)
     iouv = torch.linspace(0.5, 0.95, 10, device=device)
     plot_images = _plot_images_fn() if plots else None
     stats, jdict, seen, dt = [], [], 0, [0.0, 0.0, 0.0]
@@ -227,10 +244,13 @@ def _loop(model, dataloader, device, half, compute_loss, nms_kwargs, single_cls,
         t0 = _clock(device)
         im = im.to(device, non_blocking=True)
         im = (im.half() if half else im.float()) / 255
+        if channels_last:
+            im = im.contiguous(memory_format=torch.channels_last)
         targets = targets.to(device)
         nb, _, height, width = im.shape
         t1 = _clock(device)
-        out, train_out = model(im)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16):
+            out, train_out = model(im)
         t2 = _clock(device)
         if compute_loss is not None:
             loss += compute_loss([x.float() for x in train_out], targets)[1]
@@ -351,7 +371,8 @@ def parse_opt(argv=None):
     p.add_argument("--project", default=str(ROOT / "runs/val"), help="save to project/name")
     p.add_argument("--name", default="exp", help="save to project/name")
     p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
-    p.add_argument("--half", action="store_true", help="use FP16 half-precision inference (CUDA only)")
+    p.add_argument("--half", action="store_true", help="reduced precision: FP16 on CUDA, bf16 autocast on CPUs "
+                                                        "with native bf16 (float32 on other CPUs)")
     opt = p.parse_args(argv)
     opt.save_txt |= opt.save_hybrid
     print_args("val", vars(opt))

@@ -58,17 +58,20 @@ def build_student(cfg: str, imgsz: int, device: torch.device, nc: int = NC) -> n
     return model
 
 
-def build_teacher(size: str, device: torch.device, tmp, names) -> nn.Module:
+def build_teacher(size: str, device: torch.device, tmp, names, precision=None) -> nn.Module:
     """A random-init yolov5{size} teacher saved as a checkpoint into folder tmp and loaded back through
-    load_teacher, as train_kd.py does (fused, eval, no grad; fp16 + channels_last on CUDA)."""
+    load_teacher, as train_kd.py does (fused, eval, no grad), cast for precision (a utils.torch_utils.Precision;
+    default fp16 + channels_last on CUDA, float32 on the CPU, like StepRunner's default)."""
     from models.yolo import Model
     from utils.checkpoint import build_checkpoint, save_checkpoint
     from utils.kd.task import load_teacher, teacher_precision
+    from utils.torch_utils import select_precision
 
     source = Model(str(ROOT / f"models/yolov5{size}.yaml"), ch=3, nc=NC)
     source.names = list(names)
     path = save_checkpoint(build_checkpoint(source), Path(tmp) / f"yolov5{size}_teacher.pt")
-    return teacher_precision(load_teacher(str(path), device), device)
+    precision = precision or select_precision(device, device.type == "cuda")
+    return teacher_precision(load_teacher(str(path), device), precision)
 
 
 def build_tasks(teacher_size: str, student_size: str, imgsz: int, device: torch.device, variants) -> tuple:
@@ -130,23 +133,31 @@ class StepRunner:
 
     Gradient clipping, EMA and accumulation are left out: they are the same for every task and happen once per
     accumulated batch group, not per step.
+
+    Args:
+        precision: a utils.torch_utils.Precision; default fp16 autocast on CUDA and float32 on the CPU (the
+            figures in bench/README.md before the bf16 change were taken that way). With channels_last the
+            trainable module is converted and every batch is reordered, as the engine does.
     """
 
-    def __init__(self, task, device: torch.device, lr: float = 0.01):
+    def __init__(self, task, device: torch.device, lr: float = 0.01, precision=None):
         from utils.engine import smart_optimizer
+        from utils.torch_utils import select_precision
 
         self.task, self.device = task, device
-        self.cuda = device.type == "cuda"
+        self.precision = precision or select_precision(device, device.type == "cuda")
+        if self.precision.channels_last:
+            task.trainable.to(memory_format=torch.channels_last)
         hyp = task.model.hyp
         self.optimizer = smart_optimizer(task.trainable, "SGD", lr, hyp["momentum"], hyp["weight_decay"])
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.dtype == torch.float16)
 
     def __call__(self, imgs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Runs one step; returns the detached loss items."""
         self.task.trainable.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.amp.autocast("cuda", enabled=self.cuda):
-            loss, items = self.task.train_step(self.task.trainable, imgs, targets)
+        with self.precision.autocast():
+            loss, items = self.task.train_step(self.task.trainable, self.precision.to_input(imgs), targets)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()

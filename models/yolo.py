@@ -51,7 +51,7 @@ class Detect(nn.Module):
     def forward(self, x):
         decoded = []
         for i in range(self.nl):
-            x[i] = self.m[i](x[i])
+            x[i] = self._head(i, x[i])
             bs, _, ny, nx = x[i].shape
             x[i] = x[i].view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
             if not self.training and self.decode:
@@ -62,9 +62,22 @@ class Detect(nn.Module):
             return x
         return (torch.cat(decoded, 1) if decoded else None), x
 
+    def _head(self, i, x):
+        """Level i's 1x1 prediction conv, outside autocast: under mixed precision it runs in its weights' dtype
+        (float32 for a training model), so box, objectness and class logits keep float32 resolution where the
+        losses read them. A model cast to fp16/bf16 outright (a KD teacher) stays in that dtype."""
+        conv = self.m[i]
+        if not _autocast_on(x.device.type):
+            return conv(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return conv(x.to(conv.weight.dtype))
+
     def _decode(self, raw, i):
-        """Sigmoid scores and pixel-space xywh for level i; raw is (bs, na, ny, nx, no)."""
-        y = raw.sigmoid()
+        """Sigmoid scores and pixel-space xywh for level i; raw is (bs, na, ny, nx, no).
+
+        Computed in float32 whatever raw's dtype: under bf16 autocast the raw maps are bf16, whose 8-bit mantissa
+        would round pixel coordinates above 256 to whole pixels or worse."""
+        y = raw.float().sigmoid()
         xy = (y[..., 0:2] * 2 - 0.5 + self.grid[i]) * self.stride[i]
         wh = (y[..., 2:4] * 2) ** 2 * self.anchor_grid[i]
         return torch.cat((xy, wh, y[..., 4:]), -1)
@@ -77,6 +90,13 @@ class Detect(nn.Module):
         grid = torch.stack((xv, yv), 2).expand(1, self.na, ny, nx, 2)
         anchor_grid = (self.anchors[i] * self.stride[i]).view(1, self.na, 1, 1, 2).expand(1, self.na, ny, nx, 2)
         return grid, anchor_grid
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: one query per device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 # Names usable in model YAMLs. An explicit table instead of eval(): a YAML can only name these.
@@ -226,14 +246,17 @@ class Model(nn.Module):
         return model_info(self, imgsz=imgsz, verbose=verbose, name=Path(getattr(self, "yaml_file", "") or "model").stem)
 
     def _apply(self, fn, *args, **kwargs):
-        """Also move/cast Detect's stride and grid caches, which are plain attributes, not buffers."""
+        """Also move/cast Detect's stride, a plain attribute, not a buffer; drop its grid caches.
+
+        The grids are 5-D caches rebuilt on the next eval forward; passing them through fn would fail for
+        ``.to(memory_format=torch.channels_last)``, which only takes 4-D tensors.
+        """
         self = super()._apply(fn, *args, **kwargs)
         m = self.model[-1]
         if isinstance(m, Detect):
             m.stride = fn(m.stride)
-            m.grid = [fn(g) for g in m.grid]
-            if isinstance(m.anchor_grid, list):
-                m.anchor_grid = [fn(g) for g in m.anchor_grid]
+            m.grid = [torch.zeros(1, device=m.anchors.device)] * m.nl
+            m.anchor_grid = [torch.zeros(1, device=m.anchors.device)] * m.nl
             self.stride = m.stride
         return self
 

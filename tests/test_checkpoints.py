@@ -143,6 +143,30 @@ def test_save_is_atomic(cfg, tmp_path, monkeypatch):
     assert load_checkpoint(path)["epoch"] == 1  # the previous file is intact
 
 
+def test_copy_is_byte_identical_and_atomic(cfg, tmp_path, monkeypatch):
+    import shutil
+
+    from utils.checkpoint import copy_checkpoint
+
+    model = make_model(cfg)
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    save_checkpoint(build_checkpoint(model, epoch=1), last)
+    copy_checkpoint(last, best)
+    assert best.read_bytes() == last.read_bytes()
+    save_checkpoint(build_checkpoint(model, epoch=2), last)
+
+    def crash_mid_copy(src, dst, *args):
+        dst.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shutil, "copyfileobj", crash_mid_copy)
+    with pytest.raises(OSError, match="disk full"):
+        copy_checkpoint(last, best)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]  # no temp file left behind
+    assert load_checkpoint(best)["epoch"] == 1  # the previous best.pt is intact
+
+
 def official_checkpoint(model, style):
     """A YOLOv5-style checkpoint dict holding a pickled fp16 model, with old-version attributes simulated."""
     model = copy.deepcopy(model).half()

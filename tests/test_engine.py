@@ -18,6 +18,7 @@ from tests.conftest import tiny_model_cfg
 from utils.checkpoint import build_checkpoint, save_checkpoint
 from utils.engine import Trainer, convert_sync_batchnorm, lr_lambda
 from utils.general import yaml_load
+from utils.torch_utils import select_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,7 +207,8 @@ def test_teacher_anchors_are_checked_before_the_precision_cast(monkeypatch, tmp_
     save_checkpoint(build_checkpoint(teacher), tmp_path / "t.pt")
     student = Model(tiny_model_cfg(3, 0.125))
     opt = train.parse_opt(["--teacher_weight", str(tmp_path / "t.pt")], train_kd.build_parser())
-    fake_trainer = SimpleNamespace(opt=opt, device=torch.device("cpu"), names=["a", "b", "c"], gs=32)
+    fake_trainer = SimpleNamespace(opt=opt, device=torch.device("cpu"), names=["a", "b", "c"], gs=32,
+                                   precision=select_precision(torch.device("cpu"), True))
     kd_task.DistillationTask.build(student, fake_trainer)
     assert order == [("check", torch.float32), ("cast", None)]
 
@@ -232,3 +234,29 @@ def test_resuming_a_run_saved_before_v6_batchnorm_keeps_its_settings(shapes_data
     monkeypatch.setattr(Trainer, "fit", spy)
     train.run(resume=str(last))
     assert seen == {"eps": {1e-5}, "momentum": {0.1}}
+
+
+@pytest.mark.parametrize("best_is_last", [True, False])
+def test_best_pt_is_validated_once_more_only_when_it_is_not_the_last_epoch(shapes_data, tiny_cfgs, tmp_path,
+                                                                          monkeypatch, best_is_last):
+    calls = []
+    real_validate = Trainer.validate
+
+    def scripted(self, plots=False, model=None, verbose=False):
+        results, maps = real_validate(self, plots=plots, model=model, verbose=verbose)
+        calls.append({"plots": plots, "model": model is not None})
+        if model is not None:
+            return results, maps
+        fitness = [0.2, 0.5] if best_is_last else [0.5, 0.2]  # mAP@.5:.95 of epoch 0 and 1
+        return (0.1, 0.1, 0.3, fitness[len(calls) - 1], *results[4:]), maps
+
+    monkeypatch.setattr(Trainer, "validate", scripted)
+    opt = train.run(data=str(shapes_data), cfg=str(tiny_cfgs["student"]), weights="", imgsz=64, batch_size=8,
+                    epochs=2, workers=0, project=str(tmp_path), name="exp", device="cpu", noautoanchor=True)
+    best = torch.load(Path(opt.save_dir) / "weights" / "best.pt", weights_only=True)
+    assert best["epoch"] == -1  # stripped
+    if best_is_last:  # the last epoch's validation (with plots) is best.pt's report
+        assert calls == [{"plots": False, "model": False}, {"plots": True, "model": False}]
+    else:  # best.pt is epoch 0's weights: validated again, with plots
+        assert calls == [{"plots": False, "model": False}, {"plots": True, "model": False},
+                         {"plots": True, "model": True}]

@@ -54,10 +54,10 @@ def trained_run(shapes_data, tiny_cfgs, tmp_path_factory):
 
 def test_run_folder(trained_run):
     for f in ("weights/last.pt", "weights/best.pt", "opt.yaml", "hyp.yaml", "results.csv", "results.png",
-              "labels.jpg", "train_batch0.jpg"):
+              "labels.jpg", "train_batch0.jpg", "confusion_matrix.png"):
         assert (trained_run / f).exists(), f
     df = read_results(trained_run)
-    assert list(df.columns) == ["epoch", *YOLOV5_COLUMNS]
+    assert list(df.columns) == ["epoch", *YOLOV5_COLUMNS, "x/amp"]
     assert df["epoch"].tolist() == [0, 1]
     assert (df["train/box_loss"] > 0).all()
     assert list(trained_run.glob("val_batch0_*.jpg")), "validation images with labels and predictions"

@@ -30,6 +30,7 @@ import functools
 import os
 import pathlib
 import pickle
+import shutil
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
@@ -190,6 +191,24 @@ def save_checkpoint(ckpt: dict, path) -> Path:
             torch.save(data, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def copy_checkpoint(source, path) -> Path:
+    """Copy a checkpoint file to path atomically (temp file, fsync, rename), e.g. last.pt to best.pt: the same
+    bytes as saving the dict again, without serialising it twice."""
+    source, path = Path(source), Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(source, "rb") as src, open(tmp, "xb") as dst:
+            shutil.copyfileobj(src, dst, 16 * 2 ** 20)
+            dst.flush()
+            os.fsync(dst.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

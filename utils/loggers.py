@@ -11,9 +11,13 @@ YOLOV5_COLUMNS = ("train/box_loss", "train/obj_loss", "train/cls_loss", "metrics
                   "x/lr0", "x/lr1", "x/lr2")
 
 
+AMP_COLUMN = "x/amp"  # 1 when the epoch trained under mixed precision (fp16 CUDA / bf16 CPU autocast), else 0
+
+
 def results_columns(loss_names) -> list:
-    """All results.csv columns for a task whose loss items are named ``loss_names`` (first 3 = box/obj/cls)."""
-    return ["epoch", *YOLOV5_COLUMNS, *(f"train/{n}" for n in loss_names[3:])]
+    """All results.csv columns for a task whose loss items are named ``loss_names`` (first 3 = box/obj/cls):
+    YOLOv5's, then the task's extra losses, then the precision flag."""
+    return ["epoch", *YOLOV5_COLUMNS, *(f"train/{n}" for n in loss_names[3:]), AMP_COLUMN]
 
 
 def format_row(values) -> str:
@@ -55,11 +59,21 @@ class RunLogger:
     def on_fit_epoch_end(self, trainer, epoch, values: dict, fitness: float) -> None:
         """values: {'train': [losses...], 'metrics': [P, R, mAP50, mAP], 'val': [3 losses], 'lr': [3 lrs]}."""
         train = list(values["train"])
-        row = [epoch, *train[:3], *values["metrics"], *values["val"], *values["lr"], *train[3:]]
+        row = [epoch, *train[:3], *values["metrics"], *values["val"], *values["lr"], *train[3:],
+               int(bool(getattr(trainer, "amp", False)))]
         columns = results_columns(trainer.task.loss_names)
-        header = "" if self.csv.exists() else ",".join(f"{c:>20s}" for c in columns) + "\n"
+        header = ""
+        if self.csv.exists():  # a resumed run: keep the file's own columns (it may predate some of ours)
+            by_name = dict(zip(columns, row))
+            row = [by_name.get(c, float("nan")) for c in self._existing_columns()]
+        else:
+            header = ",".join(f"{c:>20s}" for c in columns) + "\n"
         with open(self.csv, "a") as f:
             f.write(header + format_row(row) + "\n")
+
+    def _existing_columns(self) -> list:
+        with open(self.csv) as f:
+            return [c.strip() for c in f.readline().split(",")]
 
     def on_train_end(self, trainer) -> None:
         if self.plots and self.csv.exists():

@@ -8,6 +8,8 @@ import random
 import sys
 from collections import Counter
 from copy import deepcopy
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +39,73 @@ def select_device(device: str = "", batch_size: int = 0) -> torch.device:
             raise ValueError(f"--batch-size {batch_size} is not a multiple of the GPU count {len(ids)}")
         return torch.device(f"cuda:{ids[0]}")
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), where bf16 autocast is a speed path.
+
+    Elsewhere bf16 kernels are emulated and slower than float32. Asks torch's CPU feature probes, falling back on
+    the /proc/cpuinfo flags where this torch build has no probe.
+    """
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(callable(probe) for probe in probes):
+        return any(bool(probe()) for probe in probes if callable(probe))
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes: autocast dtype (None = float32 throughout) and memory format, for one device.
+
+    Weights, optimizer state and losses stay float32 whatever the autocast dtype (master weights).
+    """
+
+    device_type: str
+    dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.dtype is not None
+
+    @property
+    def name(self) -> str:
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
+
+    def autocast(self):
+        """The autocast context for a forward pass (a disabled one for float32)."""
+        return torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.enabled)
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (bs, 3, h, w) in the run's memory format."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def select_precision(device: torch.device, amp: bool | None = None) -> Precision:
+    """The mixed-precision choice for device: fp16 autocast on CUDA, bf16 autocast on CPUs with native bf16,
+    float32 elsewhere; models and inputs channels_last whenever autocast is on.
+
+    Args:
+        device: the training device.
+        amp: None chooses automatically; True/False (--amp/--no-amp) overrides. True on a CPU without native bf16
+            still uses bf16 (emulated, usually slower), with a warning.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        use = amp is not False
+        return Precision("cuda", torch.float16 if use else None, channels_last=use)
+    if device.type != "cpu":  # other backends: float32, as before
+        return Precision(device.type)
+    native = cpu_has_native_bf16()
+    if amp and not native:
+        LOGGER.warning("WARNING: --amp on a CPU without native bfloat16 (AVX512-BF16/AMX): bf16 is emulated there "
+                       "and usually slower than float32; drop --amp to train in float32")
+    use = native if amp is None else bool(amp)
+    return Precision(device.type, torch.bfloat16 if use else None, channels_last=use)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt() parameter numbers from glibc's malloc.h
@@ -208,9 +277,10 @@ class ModelEMA:
         self.updates += 1
         d = self.decay_at(self.updates)
         source = de_parallel(model).state_dict()
-        for name, value in self.ema.state_dict().items():
-            if value.dtype.is_floating_point:
-                value.mul_(d).add_(source[name].detach(), alpha=1 - d)
+        ema_state = self.ema.state_dict()
+        names = [k for k, v in ema_state.items() if v.dtype.is_floating_point]
+        # ema += (1 - d) * (model - ema), i.e. d * ema + (1 - d) * model, in one multi-tensor kernel
+        torch._foreach_lerp_([ema_state[k] for k in names], [source[k].detach() for k in names], 1 - d)
 
     def update_attr(self, model: nn.Module, include=("yaml", "nc", "hyp", "gr", "names", "stride")) -> None:
         """Copy plain attributes (names, hyp, ...) from the training model onto the EMA."""

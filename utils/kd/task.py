@@ -11,6 +11,7 @@ from utils.kd.distiller import Distiller, KDConfig, KDStudent
 from utils.kd.losses import NEEDS_ADAPTER, output_kd_terms
 from utils.kd.pairing import pair_layers
 from utils.kd.recorder import FeatureRecorder
+from utils.torch_utils import Precision
 
 KD_LOSS_NAMES = ("kd_box", "kd_obj", "kd_cls", "kd_feat")
 
@@ -20,7 +21,7 @@ def load_teacher(weights, device: torch.device) -> nn.Module:
     head that returns its raw maps without decoding boxes (``teacher(x)`` gives ``(None, maps)``).
 
     Accepts our checkpoints (plain or KD runs) and official YOLOv5 checkpoints. Stays float32 so that anchors and
-    strides are compared exactly (check_teacher); ``teacher_precision`` then casts it for the device.
+    strides are compared exactly (check_teacher); ``teacher_precision`` then casts it for the run.
     """
     from pathlib import Path
 
@@ -35,10 +36,12 @@ def load_teacher(weights, device: torch.device) -> nn.Module:
     return teacher
 
 
-def teacher_precision(teacher: nn.Module, device: torch.device) -> nn.Module:
-    """fp16 + channels_last on CUDA (call after check_teacher and layer pairing); unchanged elsewhere."""
-    if device.type == "cuda":
-        teacher = teacher.half().to(memory_format=torch.channels_last)
+def teacher_precision(teacher: nn.Module, precision: Precision) -> nn.Module:
+    """The teacher in the run's reduced precision, channels_last: fp16 on CUDA, bf16 on CPUs with native bf16
+    (its weights are cast, not autocast: it never trains). Float32 when the run is float32. Call after
+    check_teacher and layer pairing."""
+    if precision.enabled:
+        teacher = teacher.to(precision.dtype).to(memory_format=torch.channels_last)
     return teacher
 
 
@@ -136,9 +139,9 @@ class DistillationTask(DetectionTask):
     @torch.no_grad()
     def teacher_forward(self, imgs: torch.Tensor):
         """Teacher raw maps [(bs, na, ny, nx, 5 + nc_t)] and recorded features, without an autograd graph."""
-        p = next(self.teacher.parameters())
+        p = next(self.teacher.parameters())  # the first conv's weight (c2, 3, k, k)
         x = imgs.to(p.dtype)
-        if p.is_cuda:
+        if p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
         names = self.distiller.t_names
         if not names:
@@ -189,7 +192,7 @@ class DistillationTask(DetectionTask):
         for p in pairs:
             LOGGER.info(f"{colorstr('KD pair: ')}student {p.s_name} ({p.s_channels} ch) <- teacher {p.t_name} "
                         f"({p.t_channels} ch), stride {p.stride}")
-        return cls(model, teacher_precision(teacher, trainer.device), cfg, pairs, index)
+        return cls(model, teacher_precision(teacher, trainer.precision), cfg, pairs, index)
 
 
 def kd_pairs(model: nn.Module, teacher: nn.Module, cfg: KDConfig, imgsz: int = 64) -> list:
