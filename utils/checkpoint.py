@@ -182,33 +182,27 @@ def save_checkpoint(ckpt: dict, path) -> Path:
     Returns:
         path as a Path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = _plain(ckpt, "ckpt")  # refuse modules/objects now rather than write a file that will not load
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return _write_atomically(path, lambda f: torch.save(data, f))
 
 
 def copy_checkpoint(source, path) -> Path:
-    """Copy a checkpoint file to path atomically (temp file, fsync, rename), e.g. last.pt to best.pt: the same
+    """Copy a checkpoint file to path atomically (as save_checkpoint writes), e.g. last.pt to best.pt: the same
     bytes as saving the dict again, without serialising it twice."""
-    source, path = Path(source), Path(path)
+    with open(source, "rb") as src:
+        return _write_atomically(path, lambda f: shutil.copyfileobj(src, f, 16 * 2 ** 20))
+
+
+def _write_atomically(path, write) -> Path:
+    """Call write(file) on a temp file beside path, fsync it and rename it onto path; on any error remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(source, "rb") as src, open(tmp, "xb") as dst:
-            shutil.copyfileobj(src, dst, 16 * 2 ** 20)
-            dst.flush()
-            os.fsync(dst.fileno())
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
