@@ -111,7 +111,7 @@ def test_class_mass_stays_float32_under_autocast():
     s = _maps(22, nc=4, shapes=((2, 3, 4, 4),))[0]
     index = torch.tensor([0, 3, 7, -1])
     sig = t[..., 5:].double().sigmoid()
-    want = sig[..., [0, 3, 7]].sum(-1) / sig.sum(-1)
+    want = sig[..., [0, 3, 7]].amax(-1) / sig.amax(-1)
     plain = output_kd_terms([s], [t], t_cls_index=index)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         m = class_mass_scale(t, index)
@@ -245,7 +245,7 @@ def test_unmapped_class_object_lowers_objectness_weight():
     s = torch.zeros(1, 1, 1, 1, 7)
     index = torch.tensor([0, 2])
     sig = [_sig(v) for v in (-1.0, 3.0, -2.0)]
-    m = (sig[0] + sig[2]) / sum(sig)
+    m = max(sig[0], sig[2]) / max(sig)
     assert class_mass_scale(t, index).item() == pytest.approx(m, rel=1e-6)
     plain_box = output_kd_terms([s], [t], t_cls_index=index, t_obj_scale=False)[0]
     scaled_box, scaled_obj, _ = output_kd_terms([s], [t], t_cls_index=index)
@@ -254,6 +254,26 @@ def test_unmapped_class_object_lowers_objectness_weight():
     assert scaled_obj.item() == pytest.approx((0 - math.log(p / (1 - p))) ** 2 * p, rel=1e-5)
     _, bce_obj, _ = output_kd_terms([s], [t], kind="bce", t_cls_index=index)
     assert bce_obj.item() == pytest.approx(math.log(2) * p, rel=1e-5)  # BCE(0 logit, p') = log 2
+
+
+def test_confident_mapped_object_of_an_80_class_teacher_keeps_its_objectness():
+    # a COCO-like teacher: the student's class is teacher class 7 at p = 0.9, the 60 classes the student lacks sit
+    # at 0.007-0.018 (and 19 more mapped classes near 0.01)
+    probs = [0.01] * 80
+    probs[7] = 0.9
+    for k, c in enumerate(range(20, 80)):
+        probs[c] = 0.007 + 0.011 * k / 59
+    logits = [math.log(p / (1 - p)) for p in probs]
+    t = torch.tensor([0.0, 0.0, 0.0, 0.0, 2.0, *logits]).view(1, 1, 1, 1, 85)
+    index = torch.arange(20)  # student classes 0-19 <- teacher classes 0-19
+    assert class_mass_scale(t, index).item() == pytest.approx(1.0, abs=1e-6)  # 0.9 / 0.9
+    ratio_of_sums = sum(probs[:20]) / sum(probs)  # what a share of sigmoid mass would have given
+    assert ratio_of_sums < 0.75
+    # the same cell seen as an object of an unmapped class (teacher class 50 at 0.9): m = best mapped / 0.9
+    probs[7], probs[50] = 0.01, 0.9
+    logits = [math.log(p / (1 - p)) for p in probs]
+    t = torch.tensor([0.0, 0.0, 0.0, 0.0, 2.0, *logits]).view(1, 1, 1, 1, 85)
+    assert class_mass_scale(t, index).item() == pytest.approx(0.01 / 0.9, rel=1e-5)
 
 
 def test_class_mass_scale_is_one_when_all_teacher_classes_mapped():
@@ -333,6 +353,24 @@ def test_ft_and_mimic_match_definitions():
     assert mimic_loss(s, t).item() == pytest.approx(float(((s - t) ** 2).sum()) / s.numel(), rel=1e-6)
 
 
+def test_pkd_is_twice_one_minus_pearson_correlation_per_channel():
+    s, t = _feats(11), _feats(12)
+    s = s * torch.tensor([1.0, 10.0, 0.1, 3.0]).view(1, 4, 1, 1) + 5.0  # channel scales and offsets must not matter
+    correlations = []
+    for k in range(s.shape[1]):
+        a = [float(v) for v in s[:, k].flatten()]
+        b = [float(v) for v in t[:, k].flatten()]
+        ma, mb = sum(a) / len(a), sum(b) / len(b)
+        cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+        var_a, var_b = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
+        correlations.append(cov / math.sqrt(var_a * var_b))
+    want = sum(2 * (1 - r) for r in correlations) / len(correlations)
+    assert FEATURE_LOSSES["pkd"](s, t).item() == pytest.approx(want, rel=1e-4)
+    # image size independence: the same maps tiled 2x2 (4x the positions) give the same loss
+    big_s, big_t = s.repeat(1, 1, 2, 2), t.repeat(1, 1, 2, 2)
+    assert FEATURE_LOSSES["pkd"](big_s, big_t).item() == pytest.approx(want, rel=1e-4)
+
+
 @pytest.mark.parametrize("name", sorted(FEATURE_LOSSES))
 def test_feature_losses_zero_on_equal_and_gradient_to_student_only(name):
     fn = FEATURE_LOSSES[name]
@@ -361,7 +399,7 @@ def test_spatial_mismatch_raises():
 def test_feature_tables_are_read_only():
     with pytest.raises(TypeError):
         FEATURE_LOSSES["x"] = at_loss
-    assert {"ft", "cwd", "mimic"} == set(NEEDS_ADAPTER) and not {"at", "at_masked"} & NEEDS_ADAPTER
+    assert {"ft", "cwd", "mimic", "pkd"} == set(NEEDS_ADAPTER) and not {"at", "at_masked"} & NEEDS_ADAPTER
 
 
 def test_gt_mask_hand_case():

@@ -56,7 +56,7 @@ def batch(nc=3):
     return imgs, targets
 
 
-FEATURE_LOSS_NAMES = ("at", "at_masked", "ft", "cwd", "mimic")
+FEATURE_LOSS_NAMES = ("at", "at_masked", "ft", "cwd", "mimic", "pkd")
 
 
 def assert_gradient_reaches_student_only(task, term, what, reaches=()):

@@ -49,11 +49,13 @@ def _teacher_class_mask(index, student_mask, nc_teacher):
 
 
 def class_mass_scale(t_maps_level, t_cls_index):
-    """Share of the teacher's class probability that falls on classes the student also has.
+    """How much the teacher's most likely class at each cell is one the student also has.
 
-    ``m = sum_{c mapped} sigmoid(t_c) / sum_c sigmoid(t_c)``, with c over the teacher's classes. Sigmoid mass, not
-    softmax, because YOLOv5 scores classes with independent sigmoids. An object the teacher calls a class the student
-    does not know gets m near 0, so multiplying the teacher's objectness by m stops it from teaching that object.
+    ``m = max_{c mapped} sigmoid(t_c) / max_c sigmoid(t_c)``, with c over the teacher's classes (sigmoids, because
+    YOLOv5 scores classes independently). An object the teacher calls a class the student does not know gets m near
+    0, so multiplying the teacher's objectness by m stops it from teaching that object, while an object of a mapped
+    class keeps m = 1 however many other classes the teacher has. (A ratio of sums instead would be biased low for a
+    COCO-like teacher: a mapped class at 0.9 beside 60 unmapped classes at 0.007-0.018 would give m = 0.54-0.72.)
 
     Args:
         t_maps_level: teacher raw map of one level, (bs, na, ny, nx, 5 + nc_teacher).
@@ -69,13 +71,14 @@ def class_mass_scale(t_maps_level, t_cls_index):
 
 
 def _mass(t_cls, teacher_mask):
-    """(bs, na, ny, nx) float32 share of sigmoid mass on masked channels of t_cls (bs, na, ny, nx, nc_t).
+    """(bs, na, ny, nx) float32: best sigmoid on the masked channels of t_cls (bs, na, ny, nx, nc_t) over the best
+    on all channels (see :func:`class_mass_scale`).
 
-    A multiply-and-sum, not ``p @ teacher_mask``: autocast runs matmuls in fp16/bf16 (a ~1e-3 error in m) but
-    leaves elementwise products and sums in float32.
+    Elementwise operations and reductions only (no ``p @ mask``): autocast would run a matmul in fp16/bf16.
     """
     p = t_cls.float().sigmoid()  # (bs, na, ny, nx, nc_t)
-    return (p * teacher_mask.float()).sum(-1) / p.sum(-1).clamp(min=_TINY)
+    mapped = (p * teacher_mask.float()).amax(-1)  # unmapped channels count as 0; sigmoids are > 0
+    return mapped / p.amax(-1).clamp(min=_TINY)
 
 
 def _scaled_logit(t_obj, m):
@@ -105,7 +108,7 @@ def _objectness_scale(t_cls, teacher_mask, single_class):
     """Factor m (bs, na, ny, nx) on the teacher's objectness probability, or None to leave it as it is.
 
     A single-class student learns the teacher's best-class confidence, so m = max_c sigmoid(t_c); with class
-    mapping m is the teacher's class mass on mapped classes (:func:`class_mass_scale`).
+    mapping m is the best mapped class over the best class (:func:`class_mass_scale`).
     """
     if single_class:
         return t_cls.sigmoid().amax(-1)
@@ -356,7 +359,30 @@ def mimic_loss(s, t):
     return F.mse_loss(s.float(), t.detach().float())
 
 
+def _standardize(x, eps=1e-6):
+    """x (bs, c, h, w) with each channel shifted and scaled to mean 0, variance 1 over its bs * h * w values."""
+    x = x.float()
+    mean = x.mean((0, 2, 3), keepdim=True)
+    std = x.var((0, 2, 3), unbiased=False, keepdim=True).add(eps).sqrt()
+    return (x - mean) / std
+
+
+def pkd_loss(s, t):
+    """Pearson-correlation distillation, PKD (Cao et al., NeurIPS 2022): MSE between per-channel standardised
+    features.
+
+    Each channel is standardised over the batch and its positions, so the loss no longer depends on the scale or
+    offset of either network's activations, nor on the image size: it equals the mean over channels of
+    2 * (1 - r_c), with r_c the Pearson correlation of student and teacher channel c, and lies in [0, 4].
+
+    Args:
+        s, t: (bs, c, h, w) with equal c (adapt first). Returns a scalar.
+    """
+    _check_same(s, t, "pkd")
+    return F.mse_loss(_standardize(s), _standardize(t.detach()))
+
+
 FEATURE_LOSSES = MappingProxyType({"at": at_loss, "at_masked": at_masked, "ft": ft_loss, "cwd": cwd_loss,
-                                   "mimic": mimic_loss})
-NEEDS_ADAPTER = frozenset({"ft", "cwd", "mimic"})  # compare channels one to one: counts must match
+                                   "mimic": mimic_loss, "pkd": pkd_loss})
+NEEDS_ADAPTER = frozenset({"ft", "cwd", "mimic", "pkd"})  # compare channels one to one: counts must match
 NEEDS_MASK = frozenset({"at_masked"})  # called as fn(s, t, gt_mask(...)); the others as fn(s, t)
