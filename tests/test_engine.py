@@ -260,3 +260,12 @@ def test_best_pt_is_validated_once_more_only_when_it_is_not_the_last_epoch(shape
     else:  # best.pt is epoch 0's weights: validated again, with plots
         assert calls == [{"plots": False, "model": False}, {"plots": True, "model": False},
                          {"plots": True, "model": True}]
+
+
+def test_save_period_follows_v6(shapes_data, tiny_cfgs, tmp_path):
+    opt = train.run(data=str(shapes_data), cfg=str(tiny_cfgs["student"]), weights="", imgsz=64, batch_size=8,
+                    epochs=5, workers=0, project=str(tmp_path), name="exp", device="cpu", noval=True,
+                    save_period=2)
+    saved = sorted(p.name for p in (Path(opt.save_dir) / "weights").glob("epoch*.pt"))
+    assert saved == ["epoch2.pt", "epoch4.pt"]  # e % N == 0 and e > 0, as v6.0 (not epoch1/epoch3)
+    assert torch.load(Path(opt.save_dir) / "weights" / "epoch4.pt", weights_only=True)["epoch"] == 4

@@ -586,7 +586,7 @@ class Trainer:
             copy_checkpoint(self.last, self.best)
             self.best_saved_epoch = epoch
         period = self.opt.save_period
-        if period > 0 and (epoch + 1) % period == 0:
+        if period > 0 and epoch > 0 and epoch % period == 0:  # YOLOv5 v6.0's rule: epoch2.pt, epoch4.pt, ...
             copy_checkpoint(self.last, self.wdir / f"epoch{epoch}.pt")
 
     def _emit(self, event: str, *args) -> None:
