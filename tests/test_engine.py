@@ -269,3 +269,24 @@ def test_save_period_follows_v6(shapes_data, tiny_cfgs, tmp_path):
     saved = sorted(p.name for p in (Path(opt.save_dir) / "weights").glob("epoch*.pt"))
     assert saved == ["epoch2.pt", "epoch4.pt"]  # e % N == 0 and e > 0, as v6.0 (not epoch1/epoch3)
     assert torch.load(Path(opt.save_dir) / "weights" / "epoch4.pt", weights_only=True)["epoch"] == 4
+
+
+def test_finetune_hyps_have_every_key_of_the_scratch_hyp():
+    scratch = set(yaml_load(ROOT / "data" / "hyps" / "hyp.scratch.yaml"))
+    for name in ("hyp.finetune.yaml", "hyp.finetune_objects365.yaml"):
+        hyp = yaml_load(ROOT / "data" / "hyps" / name)
+        assert scratch <= set(hyp), f"{name} lacks {scratch - set(hyp)}"
+        assert all(isinstance(v, (int, float)) for v in hyp.values())
+
+
+def test_hyp_anchor_count_gets_anchors_from_autoanchor(shapes_data, tiny_cfgs, tmp_path):
+    hyp = {**yaml_load(ROOT / "data" / "hyps" / "hyp.scratch.yaml"), "anchors": 3.2}
+    trainer = make_trainer(shapes_data, tiny_cfgs["student"], tmp_path, hyp=hyp, noautoanchor=False)
+    detect = trainer.model.model[-1]
+    pixels = detect.anchors * detect.stride.view(-1, 1, 1)
+    yaml_anchors = torch.tensor(yaml_load(ROOT / "models" / "yolov5n.yaml")["anchors"], dtype=torch.float32)
+    assert pixels.shape == (3, 3, 2)
+    assert not torch.allclose(pixels, yaml_anchors.view(3, 3, 2))  # not the YAML's COCO anchors
+    assert (pixels > 1).all()  # placeholders (0, 1, 2, ... px) replaced by k-means anchors of the labels
+    areas = pixels.prod(-1).mean(-1)
+    assert (areas[1:] >= areas[:-1]).all()  # small anchors on the fine level

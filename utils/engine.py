@@ -212,7 +212,7 @@ class Trainer:
         self.nc = 1 if opt.single_cls else int(self.data["nc"])
         self.names = ["item"] if opt.single_cls and len(self.data["names"]) != 1 else list(self.data["names"])
         self.ckpt = self._load_start_checkpoint()
-        self.model = self._build_model().to(device)
+        self.model = self._build_model(hyp.get("anchors")).to(device)
         self._freeze_layers()
         self.gs = max(int(self.model.stride.max()), 32)
         self.imgsz = check_img_size(opt.imgsz, self.gs, floor=self.gs * 2)
@@ -250,13 +250,17 @@ class Trainer:
             return load_checkpoint(weights, map_location="cpu")
         return None
 
-    def _build_model(self) -> nn.Module:
+    def _build_model(self, hyp_anchors=None) -> nn.Module:
+        """The model to train: from --cfg or the checkpoint's YAML, with --weights transferred where shapes fit.
+
+        hyp_anchors: hyp 'anchors' (a count per level, as in hyp.finetune_objects365.yaml) replaces the YAML's
+        anchor sizes by placeholders that AutoAnchor then computes from the labels."""
         from models.yolo import Model
         from utils.checkpoint import checkpoint_batchnorm
         from utils.torch_utils import initialize_weights
 
         opt, ckpt = self.opt, self.ckpt
-        anchors = None  # the YAML's anchors; AutoAnchor or a KD teacher may replace them later
+        anchors = hyp_anchors  # None: the YAML's anchors; AutoAnchor or a KD teacher may replace them later
         if ckpt is None:
             if not opt.cfg:
                 LOGGER.info("no --cfg or --weights given: training models/yolov5s.yaml from scratch")
