@@ -21,7 +21,8 @@ if str(ROOT) not in sys.path:
 
 from models.experimental import attempt_load  # noqa: E402
 from utils.boxes import non_max_suppression, scale_coords, xyxy2xywh  # noqa: E402
-from utils.general import LOGGER, check_img_size, colorstr, increment_path, print_args, set_logging  # noqa: E402
+from utils.general import (LOGGER, check_img_size, colorstr, default_weights, increment_path, print_args,  # noqa: E402
+                           run_cli, set_logging)
 from utils.plots import Annotator, colors, save_one_box  # noqa: E402
 from utils.sources import LoadImages  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
@@ -179,8 +180,10 @@ def _report(times, seen: int, shape, save_dir: Path, save_txt: bool, nosave: boo
 
 def parse_opt(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="YOLOv5 inference on images, folders, globs and videos")
-    parser.add_argument("--weights", nargs="+", type=str, default=["yolov5s.pt"], help="model checkpoint(s)")
-    parser.add_argument("--source", type=str, default=str(ROOT / "data/images"), help="file, folder or glob")
+    parser.add_argument("--weights", nargs="+", type=str, default=[],
+                        help="model checkpoint(s); default: the newest runs/**/weights/best.pt")
+    parser.add_argument("--source", type=str, default="",
+                        help="file, folder or glob; default: the bundled shapes val images")
     parser.add_argument("--data", type=str, default=None, help="dataset.yaml (accepted for CLI parity, unused)")
     parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="inference h w")
     parser.add_argument("--conf-thres", type=float, default=0.25, help="confidence threshold")
@@ -208,10 +211,18 @@ def parse_opt(argv=None) -> argparse.Namespace:
 
 
 def main(opt: argparse.Namespace) -> Path:
+    opt.weights = default_weights(opt.weights, ROOT / "runs")
+    if not opt.source:
+        from utils.datasets import check_dataset
+
+        opt.source = str(Path(check_dataset(str(ROOT / "data/shapes.yaml"))["val"]))  # generated on first use
+        LOGGER.info(f"no --source given: detecting on the bundled shapes val images {opt.source}")
+    if any(s <= 0 for s in opt.imgsz):
+        raise ValueError(f"--imgsz {' '.join(map(str, opt.imgsz))}: pass positive sizes such as 640")
     print_args("detect", vars(opt))
     return run(**vars(opt))
 
 
 if __name__ == "__main__":
     set_logging()
-    main(parse_opt())
+    run_cli(main, parse_opt())

@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from utils.boxes import box_iou, non_max_suppression, scale_coords, xywh2xyxy, xyxy2xywh, xyxy2xywhn
-from utils.general import LOGGER, ROOT, check_img_size, colorstr, increment_path, print_args, set_logging
+from utils.general import (LOGGER, ROOT, check_img_size, colorstr, default_weights, increment_path, print_args,
+                           run_cli, set_logging)
 from utils.metrics import ConfusionMatrix, ap_per_class
 from utils.torch_utils import cpu_has_native_bf16, select_device, tune_cpu_allocator
 
@@ -352,8 +353,9 @@ def _write_json(jdict, weights, save_dir):
 
 def parse_opt(argv=None):
     p = argparse.ArgumentParser(description="Validate a YOLOv5 detector on a dataset split")
-    p.add_argument("--data", type=str, default=str(ROOT / "data/coco128.yaml"), help="dataset.yaml path")
-    p.add_argument("--weights", nargs="+", type=str, default=str(ROOT / "yolov5s.pt"), help="model.pt path(s)")
+    p.add_argument("--data", type=str, default=str(ROOT / "data/shapes.yaml"), help="dataset.yaml path")
+    p.add_argument("--weights", nargs="+", type=str, default=[],
+                   help="model.pt path(s); default: the newest runs/**/weights/best.pt")
     p.add_argument("--batch-size", type=int, default=32, help="batch size")
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
     p.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
@@ -382,9 +384,12 @@ def parse_opt(argv=None):
 def main(opt):
     if opt.task in ("train", "val", "test") and opt.conf_thres > 0.001:
         LOGGER.info(f"WARNING: confidence threshold {opt.conf_thres} > 0.001 gives invalid mAP values")
+    opt.weights = default_weights(opt.weights, ROOT / "runs")
+    if opt.imgsz <= 0:
+        raise ValueError(f"--imgsz {opt.imgsz}: pass a positive image size such as 640")
     return run(**vars(opt))
 
 
 if __name__ == "__main__":
     set_logging()
-    main(parse_opt())
+    run_cli(main, parse_opt())

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import yaml
@@ -85,6 +86,39 @@ def get_latest_run(search_dir: str = ".") -> str:
     """Most recently written last.pt below search_dir ('' when none)."""
     runs = glob.glob(f"{search_dir}/**/last*.pt", recursive=True)
     return max(runs, key=os.path.getctime) if runs else ""
+
+
+USER_ERRORS = (FileNotFoundError, ValueError, KeyError)  # expected mistakes: a path, a flag, a YAML key
+
+
+def run_cli(fn, *args):
+    """Call a script's main: expected mistakes (USER_ERRORS) print one 'ERROR: ...' line that says the fix and
+    exit with status 1 instead of a traceback. Returns fn's result."""
+    try:
+        return fn(*args)
+    except USER_ERRORS as e:
+        message = f"dataset or config YAML has no key {e}; add it" if isinstance(e, KeyError) else str(e)
+        LOGGER.error(f"ERROR: {message}")
+        sys.exit(1)
+
+
+def newest_best(search_dir) -> str:
+    """The most recently written weights/best.pt below search_dir ('' when there is none)."""
+    runs = glob.glob(f"{search_dir}/**/weights/best.pt", recursive=True)
+    return max(runs, key=os.path.getmtime) if runs else ""
+
+
+def default_weights(weights, search_dir) -> list:
+    """--weights as a list; when empty, the newest run's best.pt (logged), else a ValueError naming the flag."""
+    weights = [w for w in ([weights] if isinstance(weights, (str, Path)) else list(weights or [])) if str(w)]
+    if weights:
+        return weights
+    newest = newest_best(search_dir)
+    if not newest:
+        raise ValueError(f"no --weights given and no trained model under {search_dir}; pass --weights "
+                         f"path/to/best.pt (train one with: python train.py)")
+    LOGGER.info(f"no --weights given: using the newest run's {newest}")
+    return [newest]
 
 
 def print_args(name: str, args: dict) -> None:
