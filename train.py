@@ -20,7 +20,8 @@ if str(ROOT) not in sys.path:
 import torch.distributed as dist  # noqa: E402
 
 from utils.engine import HYP_DEFAULTS, DetectionTask, Trainer, distributed_env  # noqa: E402
-from utils.general import LOGGER, colorstr, find_file, get_latest_run, increment_path, print_args, set_logging, yaml_load, yaml_save  # noqa: E402
+from utils.general import (LOGGER, colorstr, find_file, get_latest_run, increment_path, print_args,  # noqa: E402
+                           run_cli, set_logging, yaml_load, yaml_save)
 from utils.loggers import RunLogger  # noqa: E402
 from utils.torch_utils import cpu_has_native_bf16, select_device, select_precision  # noqa: E402
 
@@ -166,11 +167,7 @@ def cli(main_fn=main, parser_fn=build_parser) -> None:
     """Command-line entry: expected problems print one line that says the fix instead of a traceback."""
     parser = parser_fn()
     opt = parse_opt(None, parser)
-    try:
-        main_fn(opt, parser=parser)
-    except (FileNotFoundError, ValueError) as e:
-        LOGGER.error(f"ERROR: {e}")
-        sys.exit(1)
+    run_cli(lambda: main_fn(opt, parser=parser))
 
 
 if __name__ == "__main__":
