@@ -138,3 +138,19 @@ def test_nan_loss_stops_and_saves(shapes_data, tiny_cfgs, tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="NaN"):
         train.run(**train_args(shapes_data, tiny_cfgs["student"], tmp_path, epochs=2, batch_size=8))
     assert (tmp_path / "exp" / "weights" / "last.pt").exists()
+
+
+def test_resume_drops_rows_of_epochs_that_were_not_checkpointed(tmp_path):
+    from types import SimpleNamespace
+
+    from utils.loggers import RunLogger, results_columns
+
+    logger = RunLogger(tmp_path, plots=False)
+    columns = results_columns(("box_loss", "obj_loss", "cls_loss"))
+    rows = [",".join(["epoch", *columns[1:]])] + [",".join([str(e)] + ["0.5"] * (len(columns) - 1))
+                                                  for e in (0, 1, 2)]
+    (tmp_path / "results.csv").write_text("\n".join(rows) + "\n" + "3,0.5,0.")  # and a row cut short
+    # killed after writing epoch 2's row but before its last.pt: the checkpoint says epoch 1, so resume at 2
+    logger.on_train_start(SimpleNamespace(names=["a"], start_epoch=2))
+    df = read_results(tmp_path)
+    assert df["epoch"].tolist() == [0, 1]

@@ -24,6 +24,14 @@ def format_row(values) -> str:
     return ",".join(f"{v:>20.5g}" for v in values)
 
 
+def _row_epoch(line: str) -> float:
+    """The epoch of a results.csv row; infinity for a line that is not a whole row (a write cut short)."""
+    try:
+        return float(line.split(",")[0]) if line.endswith("\n") else float("inf")
+    except ValueError:
+        return float("inf")
+
+
 class RunLogger:
     """Writes results.csv (appending on resume), labels.jpg, train_batch*.jpg and results.png for a run."""
 
@@ -35,6 +43,8 @@ class RunLogger:
 
     def on_train_start(self, trainer) -> None:
         self.names = list(trainer.names)
+        if trainer.start_epoch > 0 and self.csv.exists():
+            self._drop_rows_from(trainer.start_epoch)
         if self.plots and trainer.start_epoch == 0:
             try:
                 import numpy as np
@@ -70,6 +80,18 @@ class RunLogger:
             header = ",".join(f"{c:>20s}" for c in columns) + "\n"
         with open(self.csv, "a") as f:
             f.write(header + format_row(row) + "\n")
+
+    def _drop_rows_from(self, epoch: int) -> None:
+        """A resumed run repeats the epochs after its last checkpoint: drop their rows (a run killed between
+        writing an epoch's row and its last.pt left one behind), so every epoch appears once."""
+        lines = self.csv.read_text().splitlines(keepends=True)
+        keep = lines[:1] + [ln for ln in lines[1:] if _row_epoch(ln) < epoch]
+        if len(keep) < len(lines):
+            LOGGER.info(f"results.csv: dropping {len(lines) - len(keep)} row(s) of epochs >= {epoch}, which the "
+                        f"resumed run trains again")
+            tmp = self.csv.with_name(self.csv.name + ".tmp")
+            tmp.write_text("".join(keep))
+            tmp.replace(self.csv)
 
     def _existing_columns(self) -> list:
         with open(self.csv) as f:
