@@ -16,7 +16,7 @@ import train_kd
 from models.yolo import Model
 from tests.conftest import tiny_model_cfg
 from utils.checkpoint import build_checkpoint, save_checkpoint
-from utils.engine import Trainer, convert_sync_batchnorm, lr_lambda
+from utils.engine import Trainer, lr_lambda
 from utils.general import yaml_load
 from utils.torch_utils import select_precision
 
@@ -138,7 +138,8 @@ def test_sync_bn_converts_kd_adapters_too():
     adapters = nn.ModuleDict({"0": nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16))})
     wrapper = KDStudent(student, adapters, [])
     bn_before = sum(isinstance(m, nn.BatchNorm2d) for m in wrapper.modules())
-    convert_sync_batchnorm(wrapper)
+    fake = SimpleNamespace(opt=SimpleNamespace(sync_bn=True), cuda=True, rank=0)  # DDP on CUDA, as --sync-bn needs
+    Trainer._sync_batchnorm(fake, wrapper)
     assert wrapper.model is student  # the task keeps its reference to the same student object
     assert isinstance(wrapper.adapters["0"][1], nn.SyncBatchNorm)
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in wrapper.modules()) == bn_before

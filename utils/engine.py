@@ -150,18 +150,6 @@ def lr_lambda(epochs: int, lrf: float, cosine: bool = True):
     return lambda e: (1 - e / span) * (1.0 - lrf) + lrf
 
 
-def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm inside module (in place) by SyncBatchNorm with the same weights and statistics.
-
-    Works on a wrapper such as KDStudent, so KD adapters synchronise their BatchNorm like the student does.
-    """
-    for name, child in list(module.named_children()):
-        converted = nn.SyncBatchNorm.convert_sync_batchnorm(child)
-        if converted is not child:
-            setattr(module, name, converted)
-    return module
-
-
 class EarlyStopping:
     """Stop when fitness has not improved for ``patience`` epochs."""
 
@@ -288,7 +276,8 @@ class Trainer:
             LOGGER.warning("WARNING: --sync-bn needs DDP on CUDA (torchrun with several GPUs); ignoring it")
             return
         LOGGER.info("Using SyncBatchNorm()")
-        convert_sync_batchnorm(trainable)
+        # converts the children in place: the student and KD adapters inside a KDStudent, same objects kept
+        nn.SyncBatchNorm.convert_sync_batchnorm(trainable)
 
     def _freeze_layers(self) -> None:
         freeze = list(self.opt.freeze or [0])
