@@ -26,7 +26,7 @@ from utils.boxes import box_iou, non_max_suppression, scale_coords, xywh2xyxy, x
 from utils.general import (LOGGER, ROOT, check_img_size, colorstr, default_weights, increment_path, print_args,
                            run_cli, set_logging)
 from utils.metrics import ConfusionMatrix, ap_per_class
-from utils.torch_utils import cpu_has_native_bf16, select_device, tune_cpu_allocator
+from utils.torch_utils import select_device, select_precision, tune_cpu_allocator
 
 HEADER = ("%20s" + "%11s" * 6) % ("Class", "Images", "Labels", "P", "R", "mAP@.5", "mAP@.5:.95")
 ROW = "%20s" + "%11i" * 2 + "%11.3g" * 4
@@ -124,7 +124,7 @@ def _prepare(data, weights, model, dataloader, device, half, imgsz, batch_size, 
         tune_cpu_allocator(device)
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
         model = _load_model(weights, device, half, data, single_cls)
-        if cpu_bf16:
+        if cpu_bf16:  # the layout bf16 kernels are fast in, as in training
             model = model.to(memory_format=torch.channels_last)
     if dataloader is None:
         gs = max(int(model.stride.max()), 32)
@@ -142,13 +142,10 @@ def _prepare(data, weights, model, dataloader, device, half, imgsz, batch_size, 
 
 
 def _reduced_precision(half: bool, device: torch.device) -> tuple:
-    """(fp16 model on CUDA, bf16 autocast on CPU) for a request of reduced precision: --half on CUDA as in YOLOv5,
-    bf16 autocast on CPUs that compute bf16 natively (elsewhere it would be slower than float32)."""
-    if not half:
-        return False, False
-    if device.type == "cuda":
-        return True, False
-    return False, device.type == "cpu" and cpu_has_native_bf16()
+    """(fp16 model on CUDA, bf16 autocast on CPU) for a request of reduced precision: the engine's automatic
+    choice (utils.torch_utils.select_precision), applied as YOLOv5 does on CUDA (a half model, not autocast)."""
+    dtype = select_precision(device, None if half else False).dtype
+    return dtype == torch.float16, dtype == torch.bfloat16
 
 
 def _score_image(pred, labels, im_shape, shape, ratio_pad, iouv, single_cls, confusion_matrix):

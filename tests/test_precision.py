@@ -147,3 +147,14 @@ def test_teacher_runs_in_the_run_precision(tmp_path):
             loss, items = task.train_step(task.trainable, trainer.precision.to_input(torch.rand(2, 3, 64, 64)),
                                           torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.3]]))
         assert loss.dtype == torch.float32 and torch.isfinite(items).all()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_val_half_means_bf16_autocast_only_on_native_cpus(monkeypatch, native):
+    import val
+
+    monkeypatch.setattr(torch_utils, "cpu_has_native_bf16", lambda: native)
+    assert val._reduced_precision(True, CPU) == (False, native)  # (fp16 model, bf16 autocast)
+    assert val._reduced_precision(False, CPU) == (False, False)
+    assert val._reduced_precision(True, torch.device("cuda", 0)) == (True, False)
+    assert val._reduced_precision(False, torch.device("cuda", 0)) == (False, False)
