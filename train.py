@@ -92,6 +92,17 @@ def resolve_resume(opt: argparse.Namespace, parser=None) -> argparse.Namespace:
     return argparse.Namespace(**resumed)
 
 
+def _log_precision(precision, device, requested) -> None:
+    """Say once what the run computes in, and warn when --amp forces bf16 on a CPU that only emulates it."""
+    native = cpu_has_native_bf16() if device.type == "cpu" else None
+    where = f", native bf16: {'yes' if native else 'no'}" if native is not None else ""
+    LOGGER.info(f"{colorstr('precision:')} {precision.name}{' autocast, channels_last' if precision.enabled else ''} "
+                f"on {device.type} ({'--amp/--no-amp' if requested is not None else 'automatic'}{where})")
+    if requested and native is False:
+        LOGGER.warning("WARNING: --amp on a CPU without native bfloat16 (AVX512-BF16/AMX): bf16 is emulated there "
+                       "and usually slower than float32; drop --amp to train in float32")
+
+
 def prepare_run(opt: argparse.Namespace, parser=None):
     """Validate options, create the run folder, init DDP. Returns (opt, hyp, device)."""
     local_rank, rank, world_size = distributed_env()
@@ -110,9 +121,7 @@ def prepare_run(opt: argparse.Namespace, parser=None):
     precision = select_precision(device, opt.amp)
     opt.amp = precision.enabled  # resolved here, so opt.yaml records it and --resume keeps it
     if rank in (-1, 0):
-        native = f", native bf16: {'yes' if cpu_has_native_bf16() else 'no'}" if device.type == "cpu" else ""
-        LOGGER.info(f"{colorstr('precision:')} {precision.name}{' autocast, channels_last' if opt.amp else ''} on "
-                    f"{device.type} ({'--amp/--no-amp' if requested is not None else 'automatic'}{native})")
+        _log_precision(precision, device, requested)
     if local_rank != -1:
         if opt.batch_size % world_size:
             raise ValueError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {world_size}")

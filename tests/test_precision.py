@@ -158,3 +158,11 @@ def test_val_half_means_bf16_autocast_only_on_native_cpus(monkeypatch, native):
     assert val._reduced_precision(False, CPU) == (False, False)
     assert val._reduced_precision(True, torch.device("cuda", 0)) == (True, False)
     assert val._reduced_precision(False, torch.device("cuda", 0)) == (False, False)
+
+
+def test_forced_amp_on_an_emulating_cpu_warns_once(shapes_data, tiny_cfgs, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(torch_utils, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    opt = train.run(**run_args(shapes_data, tiny_cfgs["student"], tmp_path, amp=True))
+    assert yaml_load(Path(opt.save_dir) / "opt.yaml")["amp"] is True  # forced: bf16 even where it is emulated
+    assert sum("emulated" in r.getMessage() for r in caplog.records) == 1

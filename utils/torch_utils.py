@@ -92,7 +92,7 @@ def select_precision(device: torch.device, amp: bool | None = None) -> Precision
     Args:
         device: the training device.
         amp: None chooses automatically; True/False (--amp/--no-amp) overrides. True on a CPU without native bf16
-            still uses bf16 (emulated, usually slower), with a warning.
+            still uses bf16 (emulated, usually slower; train.prepare_run warns about it).
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -100,11 +100,7 @@ def select_precision(device: torch.device, amp: bool | None = None) -> Precision
         return Precision("cuda", torch.float16 if use else None, channels_last=use)
     if device.type != "cpu":  # other backends: float32, as before
         return Precision(device.type)
-    native = cpu_has_native_bf16()
-    if amp and not native:
-        LOGGER.warning("WARNING: --amp on a CPU without native bfloat16 (AVX512-BF16/AMX): bf16 is emulated there "
-                       "and usually slower than float32; drop --amp to train in float32")
-    use = native if amp is None else bool(amp)
+    use = cpu_has_native_bf16() if amp is None else bool(amp)
     return Precision(device.type, torch.bfloat16 if use else None, channels_last=use)
 
 
