@@ -44,7 +44,7 @@ from models import attention, common
 from models.yolo import Detect, Model
 from utils.general import LOGGER
 from utils.torch_utils import (BN_EPS, BN_MOMENTUM, LEGACY_BN_EPS, LEGACY_BN_MOMENTUM, batchnorm_settings, de_parallel,
-                               initialize_weights)
+                               initialize_weights, most_common_batchnorm)
 
 FORMAT = "yolov5-kd/2"  # 2: model['batchnorm'] records the BatchNorm eps/momentum
 FORMAT_VERSION = 2
@@ -417,21 +417,14 @@ def _pickled_batchnorm(module: nn.Module) -> dict:
     pickle has none)."""
     pairs = []
     stack = [module]
-    while stack:
+    while stack:  # the pickled dicts only: no method of an unpickled module runs
         d = vars(stack.pop())
         for child in d.get("_modules", {}).values():
             if getattr(type(child), "original", type(child)) is nn.BatchNorm2d:
-                momentum = vars(child).get("momentum", BN_MOMENTUM)
-                pairs.append((float(vars(child).get("eps", BN_EPS)), None if momentum is None else float(momentum)))
+                pairs.append((vars(child).get("eps", BN_EPS), vars(child).get("momentum", BN_MOMENTUM)))
             elif isinstance(child, nn.Module):
                 stack.append(child)
-    if not pairs:
-        return {"eps": BN_EPS, "momentum": BN_MOMENTUM}
-    if len(set(pairs)) > 1:
-        LOGGER.debug(f"official checkpoint mixes BatchNorm settings {sorted(set(pairs), key=str)}; using the most "
-                     f"common one")
-    eps, momentum = max(sorted(set(pairs), key=str), key=pairs.count)
-    return {"eps": eps, "momentum": momentum}
+    return most_common_batchnorm(pairs) or {"eps": BN_EPS, "momentum": BN_MOMENTUM}
 
 
 def _pickled_state(module: nn.Module) -> dict:

@@ -192,11 +192,15 @@ def initialize_weights(model: nn.Module, eps: float = BN_EPS, momentum: float = 
 def batchnorm_settings(model: nn.Module) -> dict | None:
     """{'eps': float, 'momentum': float} of the model's BatchNorm2d layers (the most common pair), or None if it
     has none."""
-    pairs = [(float(m.eps), m.momentum if m.momentum is None else float(m.momentum))
-             for m in model.modules() if isinstance(m, BATCHNORMS)]
-    if not pairs:
+    return most_common_batchnorm((m.eps, m.momentum) for m in model.modules() if isinstance(m, BATCHNORMS))
+
+
+def most_common_batchnorm(pairs) -> dict | None:
+    """{'eps', 'momentum'} of the most frequent (eps, momentum) pair (ties: the first seen), None for no pairs."""
+    counts = Counter((float(eps), None if momentum is None else float(momentum)) for eps, momentum in pairs)
+    if not counts:
         return None
-    eps, momentum = Counter(pairs).most_common(1)[0][0]  # ties: the first layer's pair
+    eps, momentum = counts.most_common(1)[0][0]
     return {"eps": eps, "momentum": momentum}
 
 
