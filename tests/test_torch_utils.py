@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from utils.torch_utils import KEEP_MALLOC_ENV
 
@@ -69,3 +70,44 @@ def test_allocator_left_alone_for_gpu_devices():
     from utils.torch_utils import tune_cpu_allocator
 
     assert tune_cpu_allocator(torch.device("cuda", 0)) is False  # GPU activations never touch malloc
+
+
+def test_ema_update_is_the_decayed_average_by_hand():
+    import math
+
+    import torch.nn as nn
+
+    from utils.torch_utils import ModelEMA
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    ema = ModelEMA(model, decay=0.9, tau=2.0)
+    before = {k: v.clone() for k, v in ema.ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model[1].running_mean.add_(2.0)
+    ema.update(model)
+    d = 0.9 * (1 - math.exp(-1 / 2.0))  # decay after the first update
+    now = model.state_dict()
+    for k, v in ema.ema.state_dict().items():
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(v, d * before[k] + (1 - d) * now[k], rtol=1e-6, atol=1e-7)
+        else:  # integer buffers (num_batches_tracked) are not averaged
+            assert torch.equal(v, before[k])
+
+
+def test_smart_optimizer_uses_fused_kernels_where_torch_has_them():
+    import torch.nn as nn
+
+    from utils.engine import smart_optimizer
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    try:
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, fused=True)
+        has_fused = True
+    except (RuntimeError, TypeError, ValueError):
+        has_fused = False
+    for name in ("SGD", "Adam", "AdamW"):
+        optimizer = smart_optimizer(model, name, 0.01, 0.9, 5e-4)
+        assert [len(g["params"]) for g in optimizer.param_groups] == [1, 1, 2]  # BN weight, conv weight, biases
+        assert all(bool(g.get("fused")) is has_fused for g in optimizer.param_groups)
