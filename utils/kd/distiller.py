@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from utils.kd.adapters import adapt, build_adapters
-from utils.kd.losses import FEATURE_LOSSES, NEEDS_ADAPTER, NEEDS_MASK, OUTPUT_KD_KINDS, gt_mask
+from utils.kd.losses import FEATURE_LOSSES, NEEDS_ADAPTER, NEEDS_MASK, OUTPUT_KD_KINDS, gt_mask, size_free
 from utils.kd.recorder import FeatureRecorder
 
 SCHEDULES = ("const", "cos")
@@ -112,7 +112,8 @@ class Distiller:
         return [p.t_name for p in self.pairs]
 
     def feature_loss(self, s_feats, t_feats, targets: torch.Tensor) -> torch.Tensor:
-        """Sum over pairs and losses, each averaged as its loss defines.
+        """Each feature loss averaged over the layer pairs, in its size-free form (losses.size_free); summed over
+        the chosen losses. Adding or removing a layer pair therefore does not change the term's scale.
 
         Args:
             s_feats: [(features (bs, c_s, h, w), adapted (bs, c_t, h, w))] from KDStudent.
@@ -123,16 +124,18 @@ class Distiller:
         masks = {}
         for (s, s_adapted), t in zip(s_feats, t_feats):
             for name, fn in self.losses:
+                student = s_adapted if name in NEEDS_ADAPTER else s
                 if name in NEEDS_MASK:
                     bs, _, h, w = s.shape
                     if (h, w) not in masks:
                         masks[(h, w)] = gt_mask(targets, bs, h, w, ratio=self.cfg.ratio, device=s.device)
-                    total = total + fn(s, t, masks[(h, w)])
+                    value = fn(student, t, masks[(h, w)])
                 elif name == "cwd":
-                    total = total + fn(s_adapted, t, tau=self.cfg.cwd_tau)
+                    value = fn(student, t, tau=self.cfg.cwd_tau)
                 else:
-                    total = total + fn(s_adapted if name in NEEDS_ADAPTER else s, t)
-        return total
+                    value = fn(student, t)
+                total = total + size_free(name, value, t, student)
+        return total / max(len(s_feats), 1)
 
     @staticmethod
     def keep_in_graph(s_feats) -> torch.Tensor:

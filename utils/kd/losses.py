@@ -117,8 +117,12 @@ def _objectness_scale(t_cls, teacher_mask, single_class):
     return None
 
 
-def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, single_class=False):
-    """(box, obj, cls) scalars for one level; index/masks are None without class mapping."""
+def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, single_class=False, weighted=False):
+    """(box, obj, cls) scalars for one level; index/masks are None without class mapping.
+
+    weighted=False averages each term over the level's cells (bs * na * ny * nx); weighted=True divides box and cls
+    by the sum of the objectness weights w instead, a w-weighted mean per cell (see output_kd_terms' reduction).
+    """
     s, t = s.float(), t.detach().float()
     t_obj = t[..., 4]  # (bs, na, ny, nx)
     m = _objectness_scale(t[..., 5:], teacher_mask, single_class)
@@ -128,26 +132,28 @@ def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, sin
     else:
         w = torch.sigmoid(t_obj)
         obj_target = w if kind == "bce" else t_obj
+    cells = w.numel()
+    soft_positives = w.sum().clamp(min=_TINY) if weighted else cells  # what box and cls are divided by
     # box stays MSE on raw xywh logits for every kind: they are regression outputs, not probabilities
-    box = ((s[..., :4] - t[..., :4]).square() * w[..., None]).mean()
+    box = ((s[..., :4] - t[..., :4]).square() * w[..., None]).sum() / (soft_positives * 4)
     if kind == "bce":
-        obj = (F.binary_cross_entropy_with_logits(s[..., 4], obj_target, reduction="none") * w).mean()
+        obj = (F.binary_cross_entropy_with_logits(s[..., 4], obj_target, reduction="none") * w).sum() / cells
     else:
-        obj = ((s[..., 4] - obj_target).square() * w).mean()
+        obj = ((s[..., 4] - obj_target).square() * w).sum() / cells
     if single_class:  # the student's one class has no teacher channel to learn from
         return box, obj, s.new_zeros(())
     t_cls = t[..., 5:] if index is None else t[..., 5:].index_select(-1, index.clamp(min=0))
     elements = _class_elements(kind, s[..., 5:], t_cls, temperature, student_mask) * w[..., None]
     if student_mask is None:
-        cls = elements.mean()
+        cls = elements.sum() / (soft_positives * elements.shape[-1])
     else:  # average over mapped classes only, so the term's scale does not shrink with fewer matches
         keep = student_mask.float()
-        cls = (elements * keep).sum() / (w.numel() * keep.sum().clamp(min=1))
+        cls = (elements * keep).sum() / (soft_positives * keep.sum().clamp(min=1))
     return box, obj, cls
 
 
 def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=None, t_obj_scale=None,
-                    single_class=False):
+                    single_class=False, reduction="mean"):
     """Objectness-weighted output distillation, summed over detection levels.
 
     Per level with w = sigmoid(t_obj): box = mean((s_xywh - t_xywh)^2 * w); obj = mean((s_obj - t_obj)^2 * w);
@@ -174,10 +180,19 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
         t_obj_scale: objectness scaling on/off; None scales whenever t_cls_index is given. Pass False when every
             teacher class is mapped (utils.kd.classmap.needs_obj_scaling) to skip work that would multiply by 1.
         single_class: the student has one class and learns from the teacher's best class (no t_cls_index).
+        reduction: 'mean' (the formulas above: each level's weighted errors averaged over all its cells, as the
+            original KD scripts did) or 'detection' (box and cls divided by the level's sum of w instead of its cell
+            count, obj as in 'mean'). This mirrors YOLOv5's detection loss, which averages box and cls over the
+            matched cells and obj over all cells: w acts as a soft "matched" mask. A 'mean' term shrinks as the image
+            grows (the cells the teacher sees objects in stay about as many while all cells grow with the image
+            area); a 'detection' box or cls term does not, and its obj term is made size-free the way YOLOv5 does it
+            for obj, by a gain proportional to the image area. Training (utils.kd.task) uses 'detection'.
 
     Returns:
         (box, obj, cls): float32 scalars.
     """
+    if reduction not in ("mean", "detection"):
+        raise ValueError(f"reduction '{reduction}': choose 'mean' or 'detection'")
     t_maps = _raw_maps(t_maps)
     if kind not in OUTPUT_KD_KINDS:
         raise ValueError(f"unknown output KD kind '{kind}'; choose one of {', '.join(OUTPUT_KD_KINDS)}")
@@ -202,7 +217,8 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
         if s.shape[:-1] != t.shape[:-1]:
             raise ValueError(f"student map {tuple(s.shape)} and teacher map {tuple(t.shape)} differ before the "
                              f"class dim; anchors per level, strides and input size must match")
-        terms.append(_level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, single_class))
+        terms.append(_level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, single_class,
+                                  weighted=reduction == "detection"))
     box, obj, cls = (sum(parts) for parts in zip(*terms))
     return box, obj, cls
 
@@ -380,6 +396,36 @@ def pkd_loss(s, t):
     """
     _check_same(s, t, "pkd")
     return F.mse_loss(_standardize(s), _standardize(t.detach()))
+
+
+def size_free(name, value, t, s=None):
+    """A feature loss as training weighs it: normalised so that its size does not depend on the image size.
+
+    - at, at_masked compare attention maps L2-normalised over the h * w positions, and average the squared
+      difference over the positions, so the plain loss falls like 1 / (h * w) (26-33x from 128 to 640 px). Times
+      h * w it becomes the squared distance between the two unit maps per image (in [0, 2]; at_masked weighted).
+    - ft, likewise normalised over channels and averaged over them: times c, the squared distance per image.
+    - mimic is an MSE of raw activations, whose scale is the networks' business: divided by the mean square of
+      the two feature maps together (a constant for the gradient) it becomes a relative error in [0, 2] (0 when
+      equal, 1 when one of them is zero). Dividing by the teacher's alone would explode for a teacher whose
+      features are near zero at a layer (a random-init teacher in eval mode shrinks them ~1000x per stage).
+    - cwd (a KL per channel, summed over positions) and pkd (2 (1 - r) per channel, in [0, 4]) are left as they are.
+
+    Args:
+        name: a FEATURE_LOSSES key; value: the plain loss (scalar); t: the teacher features (bs, c_t, h, w);
+        s: the student features the loss compared with t (adapted: (bs, c_t, h, w)); needed for mimic.
+
+    Returns:
+        The normalised scalar.
+    """
+    if name in ("at", "at_masked"):
+        return value * (t.shape[2] * t.shape[3])
+    if name == "ft":
+        return value * t.shape[1]
+    if name == "mimic":
+        energy = t.detach().float().square().mean() + s.detach().float().square().mean()
+        return value / energy.clamp(min=_TINY)
+    return value
 
 
 FEATURE_LOSSES = MappingProxyType({"at": at_loss, "at_masked": at_masked, "ft": ft_loss, "cwd": cwd_loss,

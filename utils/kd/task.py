@@ -101,7 +101,14 @@ def layer_names(values):
 
 
 class DistillationTask(DetectionTask):
-    """Detection loss + alpha * output KD + beta * feature KD, with a frozen teacher.
+    """Detection loss + kd * (alpha * output KD + beta * feature KD), with a frozen teacher.
+
+    The weighting story: hyp ``kd`` scales every KD term (and the --kd_schedule factor multiplies it per epoch);
+    --alpha scales output KD, --beta feature KD. Output KD's box/obj/cls terms take the detection loss's gains as the
+    engine scales them per run (giou, or box, x 3/nl; obj x (imgsz/640)^2 x 3/nl; cls x nc/80 x 3/nl; see
+    utils.loss.scale_hyp_gains) with the 'detection' reduction of output_kd_terms, and each feature loss is averaged
+    over the layer pairs in its size-free form (losses.size_free), so the same alpha and beta mean the same at 128
+    and at 640 px and with any number of layer pairs (bench/kd_magnitudes.py measures it).
 
     The teacher runs once per step under no_grad in eval mode (fused, fp16 on CUDA) and is never wrapped in DDP;
     KD losses are computed in float32 outside no_grad so their gradients reach the student (and its adapters).
@@ -160,11 +167,11 @@ class DistillationTask(DetectionTask):
         t_maps, t_feats = self.teacher_forward(imgs)
         box, obj, cls = output_kd_terms(preds, t_maps, kind=self.cfg.output_loss, temperature=self.cfg.temperature,
                                         t_cls_index=self.t_cls_index, t_obj_scale=self.t_obj_scale,
-                                        single_class=self.single_class)
+                                        single_class=self.single_class, reduction="detection")
         hyp, cfg = self.hyp, self.cfg
-        kd_gain = hyp.get("kd", 1.0) * cfg.alpha * self.factor
-        out_terms = torch.stack((box * hyp.get("giou", 0.05), obj * hyp["obj"], cls * hyp["cls"])) * kd_gain
-        feat = self.distiller.feature_loss(s_feats, t_feats, targets) * (cfg.beta * self.factor) \
+        kd = hyp.get("kd", 1.0) * self.factor  # overall KD gain (hyp) x the epoch's schedule factor
+        out_terms = torch.stack((box * hyp["giou"], obj * hyp["obj"], cls * hyp["cls"])) * (kd * cfg.alpha)
+        feat = self.distiller.feature_loss(s_feats, t_feats, targets) * (kd * cfg.beta) \
             if s_feats else out_terms.new_zeros(())
         kd_items = torch.cat((out_terms, feat.reshape(1)))
         bs = imgs.shape[0]
