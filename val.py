@@ -3,6 +3,8 @@
 Usage:
     python val.py --data data/shapes.yaml --weights runs/train/exp/weights/best.pt --img 640
     python val.py --data data/shapes.yaml --weights best.pt --task speed     # timing only (conf 0.25, IoU 0.45)
+    python val.py --data data/shapes.yaml --weights a.pt b.pt --task study  # mAP and speed at 256..1536 px
+    python val.py --data data/shapes.yaml --weights best.pt --augment       # test-time augmentation
 
 From training, ``run(data, model=ema, dataloader=val_loader, save_dir=..., compute_loss=...)`` reuses what the
 trainer built and also returns the validation losses.
@@ -227,13 +229,14 @@ def _report(seen, nt, means, rows, names, nc, verbose, training, dt, shape):
 
 
 def _loop(model, dataloader, device, half, compute_loss, nms_kwargs, single_cls, save_hybrid, plots,
-          confusion_matrix, save, names, save_dir):
+          confusion_matrix, save, names, save_dir, augment=False):
     """Run the model over the loader. Returns (stats, seen, loss (3,), dt [pre, inference, nms] seconds, jdict).
 
-    half is (fp16 model, bf16 autocast on CPU), from _reduced_precision."""
+    half is (fp16 model, bf16 autocast on CPU), from _reduced_precision; augment asks the model for test-time
+    augmentation."""
     half, cpu_bf16 = half
-    first = next(model.parameters())
-    channels_last = first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last)
+    first = next(model.parameters(), None)  # None: an exported model, which takes its own layout
+    channels_last = first is not None and first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last)
     iouv = torch.linspace(0.5, 0.95, 10, device=device)
     plot_images = _plot_images_fn() if plots else None
     stats, jdict, seen, dt = [], [], 0, [0.0, 0.0, 0.0]
@@ -248,7 +251,7 @@ def _loop(model, dataloader, device, half, compute_loss, nms_kwargs, single_cls,
         nb, _, height, width = im.shape
         t1 = _clock(device)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16):
-            out, train_out = model(im)
+            out, train_out = model(im, augment=True) if augment else model(im)
         t2 = _clock(device)
         if compute_loss is not None:
             loss += compute_loss([x.float() for x in train_out], targets)[1]
@@ -291,8 +294,8 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
 
     Standalone (model=None): loads ``weights``, builds a rectangular val loader and writes into
     runs/val/exp{N}. From training (model given): uses the model's device, the given dataloader and save_dir,
-    reloads nothing, and returns validation losses when compute_loss is given. ``augment`` is accepted for
-    CLI compatibility; test-time augmentation is not implemented.
+    reloads nothing, and returns validation losses when compute_loss is given. ``augment`` (standalone only)
+    runs YOLOv5 v6.0's test-time augmentation (models.yolo.Model._forward_augment).
 
     Returns:
         ((mp, mr, map50, map, box_loss, obj_loss, cls_loss), maps (nc,) mAP@.5:.95 per class (mean for classes
@@ -300,11 +303,10 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     """
     if task == "speed":  # timing only: YOLOv5's deployment thresholds, nothing written
         conf_thres, iou_thres, plots, save_json, save_txt = 0.25, 0.45, False, False, False
-    if augment:
-        LOGGER.warning("WARNING: --augment (test-time augmentation) is not implemented; validating without it")
     model, device, half, data, dataloader, save_dir, training = _prepare(
         data, weights, model, dataloader, device, half, imgsz, batch_size, task, single_cls, workers, project,
         name, exist_ok, save_txt or save_hybrid, save_dir)
+    augment = augment and not training and _check_augment(model)
     was_training = model.training
     model.eval()
     nc = 1 if single_cls else int(data["nc"])
@@ -316,7 +318,7 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     nms_kwargs = dict(conf_thres=conf_thres, iou_thres=iou_thres, multi_label=True, max_det=300)
     try:
         stats, seen, loss, dt, jdict = _loop(model, dataloader, device, half, compute_loss, nms_kwargs, single_cls,
-                                             save_hybrid, plots, confusion_matrix, save, names, save_dir)
+                                             save_hybrid, plots, confusion_matrix, save, names, save_dir, augment)
     finally:
         model.float()  # the trainer keeps using this model (EMA) in fp32
         model.train(was_training)
@@ -340,12 +342,72 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     return (*(float(m) for m in means), *val_losses), maps, speeds
 
 
+def _check_augment(model) -> bool:
+    from models.yolo import check_augment
+
+    return check_augment(model)
+
+
 def _write_json(jdict, weights, save_dir):
     w = Path(weights[0] if isinstance(weights, (list, tuple)) else weights).stem if weights is not None else ""
     file = save_dir / f"{w}_predictions.json"
     with open(file, "w") as f:
         json.dump(jdict, f)
     LOGGER.info(f"Saved {len(jdict)} COCO-format predictions to {file} (score it with pycocotools if installed)")
+
+
+STUDY_SIZES = tuple(range(256, 1536 + 128, 128))  # YOLOv5 v6.0's --task study image sizes
+
+
+def study(data, weights, sizes=STUDY_SIZES, project="runs/val", name="study", exist_ok=False, imgsz=None,
+          **kwargs) -> Path:
+    """Validate each weight at every image size (mAP vs size and speed, YOLOv5 v6.0's --task study).
+
+    Writes study_<data>_<weight>.txt per weight, one row per size with v6.0's 10 columns: P, R, mAP@.5,
+    mAP@.5:.95, box/obj/cls loss (0 standalone), pre-process/inference/NMS ms per image; and study.png.
+
+    Args:
+        data: dataset YAML path. weights: checkpoint paths, each studied alone.
+        sizes: image sizes (v6.0: 256..1536 step 128); imgsz is ignored, as in v6.0.
+        kwargs: further run() arguments.
+
+    Returns:
+        The folder holding the txt files and the plot (project/name[N]).
+    """
+    from utils.plots import plot_val_study
+
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
+    data_stem = Path(data).stem if isinstance(data, (str, Path)) else "data"
+    files = []
+    for w in weights:
+        rows = []
+        for size in sizes:
+            LOGGER.info(f"study: {Path(w).name} at {size} px")
+            results, _, speeds = run(data, weights=w, imgsz=size, task="study", plots=False,
+                                     project=save_dir.parent, name=save_dir.name, exist_ok=True, **kwargs)
+            rows.append([*results, *speeds])
+        files.append(save_dir / f"study_{data_stem}_{Path(w).stem}.txt")
+        np.savetxt(files[-1], rows, fmt="%10.4g")
+    plot_val_study(files, sizes, save_dir / "study.png")
+    LOGGER.info(f"Study results saved to {colorstr('bold', save_dir)}")
+    return save_dir
+
+
+def speed(data, weights, **kwargs) -> list:
+    """Time each weight on its own, not as an ensemble (--task speed: conf 0.25, IoU 0.45, nothing saved).
+
+    Returns:
+        [(weight, pre-process ms, inference ms, NMS ms)] per image, one row per weight, also logged as a table.
+    """
+    rows = []
+    for w in weights:
+        _, _, times = run(data, weights=w, task="speed", **kwargs)
+        rows.append((str(w), *times))
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"{'weights':<{width}}{'pre-process':>12}{'inference':>12}{'NMS':>12}   (ms per image)"]
+    lines += [f"{w:<{width}}{pre:>12.2f}{inference:>12.2f}{nms:>12.2f}" for w, pre, inference, nms in rows]
+    LOGGER.info("\n".join(lines))
+    return rows
 
 
 def parse_opt(argv=None):
@@ -357,11 +419,12 @@ def parse_opt(argv=None):
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
     p.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
     p.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold")
-    p.add_argument("--task", default="val", choices=("train", "val", "test", "speed"), help="split, or speed")
+    p.add_argument("--task", default="val", choices=("train", "val", "test", "speed", "study"),
+                   help="split to score; speed: time each weight; study: each weight at 256..1536 px")
     p.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
     p.add_argument("--workers", type=int, default=8, help="max dataloader workers")
     p.add_argument("--single-cls", action="store_true", help="treat as single-class dataset")
-    p.add_argument("--augment", action="store_true", help="augmented inference (not implemented; ignored)")
+    p.add_argument("--augment", action="store_true", help="test-time augmentation (3 scales, left-right flip)")
     p.add_argument("--verbose", action="store_true", help="report mAP by class")
     p.add_argument("--save-txt", action="store_true", help="save results to *.txt")
     p.add_argument("--save-hybrid", action="store_true", help="save label+prediction hybrid results to *.txt")
@@ -384,6 +447,9 @@ def main(opt):
     opt.weights = default_weights(opt.weights, ROOT / "runs")
     if opt.imgsz <= 0:
         raise ValueError(f"--imgsz {opt.imgsz}: pass a positive image size such as 640")
+    if opt.task in ("speed", "study"):
+        kwargs = {k: v for k, v in vars(opt).items() if k != "task"}
+        return speed(**kwargs) if opt.task == "speed" else study(**kwargs)
     return run(**vars(opt))
 
 

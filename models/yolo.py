@@ -214,7 +214,14 @@ class Model(nn.Module):
         self._initialize_biases()
 
     def forward(self, x, augment=False, profile=False, visualize=False):
-        """Run the network; the keyword flags exist for YOLOv5 API compatibility and are not used."""
+        """Run the network, or with ``augment`` (eval mode only) YOLOv5 v6.0's test-time augmentation, which
+        returns ``(decoded, None)``. ``profile`` and ``visualize`` exist for YOLOv5 API compatibility and are
+        unused (detect.py --visualize records layer outputs with hooks instead)."""
+        if augment:
+            return self._forward_augment(x)
+        return self._forward_once(x)
+
+    def _forward_once(self, x):
         outputs = []
         for m in self.model:
             if m.f != -1:
@@ -222,6 +229,32 @@ class Model(nn.Module):
             x = m(x)
             outputs.append(x if m.i in self.save else None)
         return x
+
+    def _forward_augment(self, x):
+        """Test-time augmentation: the images at scales TTA_SCALES with flips TTA_FLIPS, predictions mapped
+        back to x's pixel frame and pooled for one NMS pass.
+
+        The full-size pass drops its coarsest level (the largest objects, which the downscaled passes see at a
+        more comfortable size) and the smallest pass its finest level (objects the full-size pass sees better).
+
+        Args:
+            x: images (bs, 3, h, w), h and w multiples of the largest stride.
+
+        Returns:
+            (decoded (bs, n, nc + 5) with xywh in x's pixels, None).
+        """
+        if self.training:
+            raise ValueError("augment=True is for inference; call model.eval() first")
+        size, gs = x.shape[-2:], int(self.stride.max())
+        preds, level_sizes = [], []
+        for scale, flip in zip(TTA_SCALES, TTA_FLIPS):
+            decoded, raw = self._forward_once(scale_img(x.flip(flip) if flip else x, scale, gs))
+            preds.append(_descale_pred(decoded, flip, scale, size))
+            level_sizes.append([r.shape[1:4].numel() for r in raw])  # boxes per level: na * ny * nx
+        if len(level_sizes[0]) > 1:
+            preds[0] = preds[0][:, :-level_sizes[0][-1]]
+            preds[-1] = preds[-1][:, level_sizes[-1][0]:]
+        return torch.cat(preds, 1), None
 
     def _initialize_biases(self):
         """Priors: about 8 objects per 640x640 image at each level, and classes equally likely (0.6 total)."""
@@ -262,6 +295,43 @@ class Model(nn.Module):
 
 
 DetectionModel = Model  # name used by YOLOv5 v7.0 checkpoints
+
+
+TTA_SCALES = (1, 0.83, 0.67)  # YOLOv5 v6.0's test-time augmentation: image scales ...
+TTA_FLIPS = (None, 3, None)  # ... and flips (3: the width axis, a left-right mirror)
+
+
+def scale_img(img, ratio: float, gs: int = 32):
+    """Resize images (bs, c, h, w) by ratio (bilinear), then pad right and bottom with 0.447 (a mid grey, the
+    ImageNet mean) up to multiples of gs. Returns img itself for ratio 1."""
+    if ratio == 1:
+        return img
+    h, w = img.shape[2:]
+    new_h, new_w = int(h * ratio), int(w * ratio)
+    img = nn.functional.interpolate(img, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    pad_h, pad_w = math.ceil(h * ratio / gs) * gs - new_h, math.ceil(w * ratio / gs) * gs - new_w
+    return nn.functional.pad(img, [0, pad_w, 0, pad_h], value=0.447)
+
+
+def check_augment(model) -> bool:
+    """Whether model can run test-time augmentation (a single YAML-built Model); warns once when it cannot
+    (an Ensemble or an exported backend), so the caller runs without it."""
+    if isinstance(model, Model):
+        return True
+    LOGGER.warning(f"WARNING: --augment needs a single PyTorch checkpoint, not a {type(model).__name__}; "
+                   f"running without test-time augmentation")
+    return False
+
+
+def _descale_pred(p, flip, scale: float, size):
+    """Map decoded predictions (bs, n, no) of a scaled (and flipped) image back to the original (h, w) frame:
+    divide xywh by scale, then mirror x (flip 3) or y (flip 2)."""
+    xy, wh, rest = p[..., 0:2] / scale, p[..., 2:4] / scale, p[..., 4:]
+    if flip == 3:
+        xy = torch.stack((size[1] - xy[..., 0], xy[..., 1]), -1)
+    elif flip == 2:
+        xy = torch.stack((xy[..., 0], size[0] - xy[..., 1]), -1)
+    return torch.cat((xy, wh, rest), -1)
 
 
 def check_anchor_order(m: Detect) -> None:

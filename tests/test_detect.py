@@ -91,8 +91,8 @@ def test_detect_video(weights, tmp_path):
     assert sorted(p.name for p in (save_dir / "labels").glob("*.txt")) == [f"clip_{i}.txt" for i in (1, 2, 3)]
 
 
-def test_detect_rejects_streams_and_missing(weights, tmp_path):
-    with pytest.raises(ValueError, match="not supported"):
-        detect.run(weights=weights, source="0", project=tmp_path)
+def test_detect_missing_webcam_and_missing_file(weights, tmp_path):
+    with pytest.raises(FileNotFoundError, match="cannot open stream source '99'"):  # no camera 99 here
+        detect.run(weights=weights, source="99", project=tmp_path)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         detect.run(weights=weights, source=tmp_path / "nowhere", project=tmp_path)

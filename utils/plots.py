@@ -417,3 +417,80 @@ def plot_results(file="path/to/results.csv", dir="") -> Path:
     out = save_dir / "results.png"
     fig.savefig(out, dpi=120)
     return out
+
+
+STUDY_COLUMNS = {0: "P", 1: "R", 2: "mAP@.5", 3: "mAP@.5:.95", 7: "pre-process (ms/img)", 8: "inference (ms/img)",
+                 9: "NMS (ms/img)"}  # columns of val.py's study_*.txt that are plotted
+
+
+def plot_val_study(files, sizes, out="study.png") -> Path:
+    """Plot val.py --task study results: each metric and time against image size, and mAP@.5:.95 against
+    inference time, one line per study_*.txt.
+
+    Args:
+        files: study txt files, one row per image size in ``sizes`` (val.py's 10 columns).
+        sizes: the image sizes of the rows.
+        out: PNG path to write.
+
+    Returns:
+        Path of the written plot.
+    """
+    fig, axes = new_figure(2, 4, (16, 7))
+    sizes = np.asarray(sizes)
+    for k, f in enumerate(files):
+        y = np.loadtxt(f, ndmin=2)  # (len(sizes), 10)
+        label, color = Path(f).stem.replace("study_", ""), np.array(colors(k)) / 255
+        for ax, (col, title) in zip(axes, STUDY_COLUMNS.items()):
+            ax.plot(sizes, y[:, col], ".-", color=color, linewidth=1.5, markersize=6, label=label)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("image size (px)")
+        axes[7].plot(y[:, 8], y[:, 3], ".-", color=color, linewidth=1.5, markersize=6, label=label)
+    axes[7].set_title("mAP@.5:.95 vs inference time", fontsize=10)
+    axes[7].set_xlabel("inference (ms/img)")
+    axes[7].set_ylabel("mAP@.5:.95")
+    axes[7].grid(alpha=0.3)
+    axes[7].legend(fontsize=7)
+    fig.savefig(out, dpi=120)
+    return Path(out)
+
+
+def feature_visualization(x, module_type: str, stage: int, save_dir=Path("runs/detect/exp"), n: int = 32,
+                          min_tile: int = 64) -> Path | None:
+    """Save the first image's feature maps of one layer as a PNG mosaic (YOLOv5's --visualize).
+
+    Up to ``n`` channels, 8 per row, each min-max scaled on its own and coloured with viridis; maps smaller than
+    ``min_tile`` pixels are enlarged (nearest neighbour) so a tile stays readable. One image write instead of a
+    figure with n subplots keeps this cheap enough to run for every layer.
+
+    Args:
+        x: layer output (bs, c, h, w); anything else (a Detect output, a list) is skipped.
+        module_type: the layer's type, e.g. 'models.common.C3'. stage: layer index.
+        save_dir: folder for save_dir/stage{stage}_{type}_features.png.
+
+    Returns:
+        The written path, or None when the layer is skipped (Detect, not 4-D, maps of a single pixel row/column).
+    """
+    import matplotlib
+    import matplotlib.image
+
+    if "Detect" in module_type or getattr(x, "ndim", 0) != 4 or min(x.shape[2:]) <= 1:
+        return None
+    maps = x[0, :n].detach().float().cpu().numpy()  # (k, h, w)
+    low, high = maps.min(axis=(1, 2), keepdims=True), maps.max(axis=(1, 2), keepdims=True)
+    maps = (maps - low) / np.maximum(high - low, 1e-12)
+    up = max(1, math.ceil(min_tile / max(maps.shape[1:])))
+    maps = maps.repeat(up, axis=1).repeat(up, axis=2)
+    k, h, w = maps.shape
+    cols, gap = min(8, k), 2
+    rows = math.ceil(k / cols)
+    canvas = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap), np.nan)
+    for i, tile in enumerate(maps):
+        r, c = divmod(i, cols)
+        canvas[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = tile
+    rgba = matplotlib.colormaps["viridis"](np.nan_to_num(canvas))
+    rgba[np.isnan(canvas)] = 1.0  # white gaps between tiles
+    file = Path(save_dir) / f"stage{stage}_{module_type.split('.')[-1]}_features.png"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    matplotlib.image.imsave(file, rgba)
+    LOGGER.info(f"Saving {file}... ({k}/{x.shape[1]} channels)")
+    return file
