@@ -34,7 +34,7 @@ from utils.general import LOGGER, colorstr, set_logging  # noqa: E402
 RECIPE = dict(
     data="data/shapes.yaml", hyp="data/hyps/hyp.demo.yaml", optimizer="Adam", imgsz=128, batch_size=16,
     teacher_cfg="models/yolov5s.yaml", student_cfg="models/yolov5n.yaml", teacher_epochs=30, student_epochs=30,
-    kd_loss="l2", alpha=1.0, beta=1.0, feat_loss=("at",),
+    kd_loss="l2", alpha=1.0, beta=0.25, feat_loss=("at",),
 )
 
 
@@ -85,6 +85,41 @@ def train_teacher(opt) -> tuple[Path, tuple | None]:
     return best, results
 
 
+SHIPPED_TEACHER = ROOT / "weights" / "demo_teacher_yolov5s_shapes128.pt"  # + .yaml: how it was trained, on what
+
+
+def shipped_teacher(opt) -> Path | None:
+    """The teacher in weights/ when it was trained for this run: same generator settings of the data, same model
+    config and image size (its .yaml records them). None otherwise (or when the files are missing)."""
+    from utils.general import yaml_load
+
+    record = SHIPPED_TEACHER.with_suffix(".yaml")
+    if not SHIPPED_TEACHER.is_file() or not record.is_file():
+        return None
+    made = yaml_load(record)
+    data = yaml_load(ROOT / opt.data if (ROOT / opt.data).exists() else opt.data)
+    reasons = [what for what, ok in (
+        ("data generator settings", made.get("generator") == data.get("download")),
+        ("model", Path(made.get("cfg", "")).name == Path(opt.teacher_cfg).name),
+        ("image size", made.get("imgsz") == opt.imgsz)) if not ok]
+    if reasons:
+        LOGGER.info(f"{colorstr('demo: ')}{SHIPPED_TEACHER.name} does not fit this run ({', '.join(reasons)} "
+                    f"differ); training a teacher instead")
+        return None
+    return SHIPPED_TEACHER
+
+
+def find_teacher(opt) -> Path:
+    """--teacher-weight, else the shipped teacher when it fits, else an earlier or new demo teacher run."""
+    if opt.teacher_weight:
+        return Path(opt.teacher_weight)
+    shipped = shipped_teacher(opt)
+    if shipped:
+        LOGGER.info(f"{colorstr('demo: ')}using the shipped teacher {shipped.relative_to(ROOT)}")
+        return shipped
+    return train_teacher(opt)[0]
+
+
 def train_student(opt, name: str, teacher: Path | None):
     args = train.parse_opt([], train_kd.build_parser())
     kd = dict(kd=teacher is not None, teacher_weight=str(teacher or ""), kd_loss_selected=opt.kd_loss_selected,
@@ -120,7 +155,7 @@ def report(scores: dict) -> str:
 def main(opt) -> dict:
     start = time.time()
     check_dataset(opt.data)  # generates the synthetic data on first use
-    teacher, _ = train_teacher(opt)
+    teacher = find_teacher(opt)
     student_run, _ = train_student(opt, f"student_seed{opt.seed}", None)
     kd_run, _ = train_student(opt, f"student_kd_seed{opt.seed}", teacher)
     scores = {"teacher": evaluate(opt, teacher), "student": evaluate(opt, student_run / "weights" / "best.pt"),

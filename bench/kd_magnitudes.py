@@ -90,7 +90,7 @@ def ratios(student, teacher, imgs, targets) -> dict:
         detection = float(items[:3].sum())
         out.update({"kd_box": float(items[3]) / detection, "kd_obj": float(items[4]) / detection,
                     "kd_cls": float(items[5]) / detection, "detection": detection})
-        out[f"{feature} ({len(task.distiller.pairs)} pairs)"] = float(items[6]) / detection
+        out[f"{feature} (mean of {len(task.distiller.pairs)} pairs)"] = float(items[6]) / detection
     return out
 
 

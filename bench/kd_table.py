@@ -1,0 +1,202 @@
+"""Which distillation method helps, and by how much? One teacher, one student recipe, every method x 3 seeds.
+
+Trains (or reuses) a teacher, then the student alone ("baseline") and with each KD method under identical settings
+and seeds, scores every best.pt with the same float32 val.py run, and prints mean +- sd of mAP@.5 and mAP@.5:.95
+per method with the share of the teacher-student gap each method closes.
+
+Methods: baseline (no teacher), output (output KD only), output+at, output+cwd, output+pkd, output+mimic; every KD
+method uses the same --alpha/--beta (train_kd.py's defaults unless given), so the table also shows whether one pair
+of weights suits every feature loss after the losses' size normalisation.
+
+Resumable: each finished cell (method, seed) is appended to --csv as soon as it is scored, and a later call skips
+it; a cell interrupted mid-training resumes from its last.pt. Cells run seed by seed (every method of seed 0 first),
+so a partial table already compares all methods.
+
+Usage:
+    python bench/kd_table.py                               # 128 px, 60 epochs, seeds 0 1 2, all methods
+    python bench/kd_table.py --imgsz 256 --methods baseline output+at output+pkd --csv bench/results/kd_table_256.csv
+    python bench/kd_table.py --table-only                  # print the table of the cells done so far
+    python bench/kd_table.py --epochs 1 --seeds 0 --csv /tmp/t.csv --project /tmp/kdt    # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+from bench._common import table  # noqa: E402
+from utils.general import set_logging  # noqa: E402
+
+METHODS = {"baseline": None, "output": (), "output+at": ("at",), "output+cwd": ("cwd",), "output+pkd": ("pkd",),
+           "output+mimic": ("mimic",)}  # method -> feature losses (None: no teacher at all)
+FIELDS = ("method", "seed", "imgsz", "epochs", "alpha", "beta", "map50", "map", "train_s", "teacher")
+
+
+def parse_opt(argv=None) -> argparse.Namespace:
+    import train_kd
+
+    defaults = train_kd.build_parser().parse_args([])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="", help="teacher checkpoint (default: the demo's teacher, see demo.py)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--imgsz", type=int, default=128)
+    p.add_argument("--cfg", default="models/yolov5n.yaml", help="student model")
+    p.add_argument("--alpha", type=float, default=defaults.alpha)
+    p.add_argument("--beta", type=float, default=defaults.beta)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--csv", default="", help="default: bench/results/kd_table_<imgsz>.csv")
+    p.add_argument("--project", default=str(ROOT / "runs/kd_table"))
+    p.add_argument("--table-only", action="store_true", help="print the table of the finished cells and exit")
+    opt = p.parse_args(argv)
+    opt.csv = Path(opt.csv or ROOT / f"bench/results/kd_table_{opt.imgsz}.csv")
+    return opt
+
+
+def demo_opt(opt, feat_losses=(), seed=0):
+    """The demo's recipe (demo.RECIPE) with this bench's student, size, epochs, KD weights and seed."""
+    import demo
+
+    args = demo.parse_opt([])
+    for k, v in dict(student_cfg=opt.cfg, imgsz=opt.imgsz, student_epochs=opt.epochs, alpha=opt.alpha,
+                     beta=opt.beta, feat_loss=list(feat_losses) or ["none"], seed=seed,
+                     project=str(opt.project)).items():
+        setattr(args, k, v)
+    return args
+
+
+def read_cells(path: Path) -> list:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_cell(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def cell_key(opt, method: str, seed: int) -> tuple:
+    """(method, seed, imgsz, epochs, alpha, beta) as the CSV stores them; the baseline has no KD weights."""
+    weights = ("", "") if METHODS[method] is None else (f"{opt.alpha:g}", f"{opt.beta:g}")
+    return (method, str(seed), str(opt.imgsz), str(opt.epochs), *weights)
+
+
+def cell_name(opt, method: str, seed: int) -> str:
+    weights = "" if METHODS[method] is None else f"_a{opt.alpha:g}_b{opt.beta:g}"
+    return f"{method.replace('+', '_')}_s{seed}_{opt.imgsz}px_e{opt.epochs}{weights}"
+
+
+def train_cell(opt, teacher: Path, method: str, seed: int) -> tuple[Path, float]:
+    """Train one cell (resuming its own last.pt when an earlier call was interrupted); returns (best.pt, seconds)."""
+    import demo
+    import train_kd
+
+    name = cell_name(opt, method, seed)
+    run = Path(opt.project) / name
+    best, last = run / "weights" / "best.pt", run / "weights" / "last.pt"
+    start = time.perf_counter()
+    if _epochs_done(run) >= opt.epochs and best.exists():
+        return best, float("nan")  # trained by an earlier call that stopped before scoring it
+    if last.exists():
+        args = train_kd.build_parser().parse_args([])
+        args.resume = str(last)
+        train_kd.main(args)
+    else:
+        feats = METHODS[method]
+        demo.train_student(demo_opt(opt, feats or (), seed), name, None if feats is None else teacher)
+    return best, time.perf_counter() - start
+
+
+def _epochs_done(run: Path) -> int:
+    """Rows of run/results.csv (0 without one)."""
+    results = run / "results.csv"
+    return max(len(results.read_text().strip().splitlines()) - 1, 0) if results.exists() else 0
+
+
+def summary(cells: list, teacher_scores) -> str:
+    """mean +- sd per method and the share of the teacher-student gap closed (by the method means)."""
+    by_method = {}
+    for c in cells:
+        by_method.setdefault(c["method"], []).append((float(c["map50"]), float(c["map"])))
+    base = by_method.get("baseline")
+    base_mean = [statistics.mean(v[i] for v in base) for i in (0, 1)] if base else None
+    rows = []
+    for method in [m for m in METHODS if m in by_method]:
+        vals = by_method[method]
+        stats = []
+        for i in (0, 1):
+            xs = [v[i] for v in vals]
+            sd = statistics.stdev(xs) if len(xs) > 1 else float("nan")
+            stats.append(f"{statistics.mean(xs):.3f} +- {sd:.3f}")
+        gap = ["-", "-"]
+        if base_mean and teacher_scores and method != "baseline":
+            gap = [f"{100 * (statistics.mean(v[i] for v in vals) - base_mean[i]) / (teacher_scores[i] - base_mean[i]):.0f}%"
+                   if teacher_scores[i] > base_mean[i] else "n/a" for i in (0, 1)]
+        rows.append((method, len(vals), *stats, *gap))
+    header = ("method", "seeds", "mAP@.5", "mAP@.5:.95", "gap closed @.5", "gap closed @.5:.95")
+    teacher_line = (f"teacher: mAP@.5 {teacher_scores[0]:.3f}, mAP@.5:.95 {teacher_scores[1]:.3f}\n"
+                    if teacher_scores else "")
+    return teacher_line + table(header, rows)
+
+
+def score_teacher(opt, args, teacher: Path) -> None:
+    """Append the teacher's val scores to the CSV once per teacher file."""
+    import demo
+
+    if any(c["method"] == "teacher" and c["teacher"] == str(teacher) for c in read_cells(opt.csv)):
+        return
+    m50, m = demo.evaluate(args, teacher)
+    append_cell(opt.csv, dict(method="teacher", seed="", imgsz=opt.imgsz, epochs="", alpha="", beta="",
+                              map50=f"{m50:.5f}", map=f"{m:.5f}", train_s="", teacher=str(teacher)))
+
+
+def main(opt) -> str:
+    import demo
+    import torch
+
+    if opt.threads:
+        torch.set_num_threads(opt.threads)
+    args = demo_opt(opt)
+    teacher = None
+    if not opt.table_only:
+        for seed in opt.seeds:
+            for method in opt.methods:
+                key = cell_key(opt, method, seed)
+                if key in {tuple(c[f] for f in FIELDS[:6]) for c in read_cells(opt.csv)}:
+                    continue
+                if teacher is None and METHODS[method] is not None:
+                    teacher = Path(opt.teacher) if opt.teacher else demo.find_teacher(args)
+                    score_teacher(opt, args, teacher)
+                best, seconds = train_cell(opt, teacher, method, seed)
+                m50, m = demo.evaluate(args, best)
+                append_cell(opt.csv, dict(zip(FIELDS, (*key, f"{m50:.5f}", f"{m:.5f}", f"{seconds:.0f}",
+                                                      str(teacher or "")))))
+    cells = read_cells(opt.csv)
+    teacher_row = [c for c in cells if c["method"] == "teacher"]
+    teacher_scores = (float(teacher_row[-1]["map50"]), float(teacher_row[-1]["map"])) if teacher_row else None
+    wanted = {cell_key(opt, m, s) for m in METHODS for s in {c["seed"] for c in cells}}
+    chosen = [c for c in cells if tuple(c[f] for f in FIELDS[:6]) in wanted]
+    text = (f"student {Path(opt.cfg).stem}, {opt.imgsz} px, {opt.epochs} epochs, alpha {opt.alpha:g}, "
+            f"beta {opt.beta:g} ({opt.csv.name})\n" + summary(chosen, teacher_scores))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    set_logging()
+    main(parse_opt())
