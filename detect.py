@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # lets the script run from any working directory
 
+from models.backends import DetectMultiBackend, exported_weights  # noqa: E402
 from models.experimental import attempt_load  # noqa: E402
 from utils.boxes import non_max_suppression, scale_coords, xyxy2xywh  # noqa: E402
 from utils.general import (LOGGER, check_img_size, colorstr, default_weights, increment_path, print_args,  # noqa: E402
@@ -157,6 +158,9 @@ def _load_model(weights, device, half: bool):
     through models.backends, which keeps the precision it was exported in."""
     if isinstance(weights, (list, tuple)) and len(weights) == 1:
         weights = weights[0]  # argparse nargs='+' always gives a list; one checkpoint is not an ensemble
+    exported = exported_weights(weights)
+    if exported is not None:
+        return DetectMultiBackend(exported, device)
     model = attempt_load(weights, map_location=device)
     return model.half() if half else model.float()
 

@@ -96,12 +96,15 @@ def _plot_images_fn():
 
 
 def _load_model(weights, device, half, data, single_cls):
-    """Standalone: the checkpoint as an eval-mode fused model, checked against the dataset's class count."""
+    """Standalone: the checkpoint as an eval-mode fused model (an exported .torchscript/.onnx file through
+    models.backends), checked against the dataset's class count."""
+    from models.backends import DetectMultiBackend, exported_weights
     from models.experimental import attempt_load
 
     if weights is None:
         raise ValueError("val.run needs weights=path/to/best.pt (or model=... when called from training)")
-    model = attempt_load(weights, map_location=device)
+    exported = exported_weights(weights)
+    model = DetectMultiBackend(exported, device) if exported else attempt_load(weights, map_location=device)
     if not single_cls and int(model.nc) != int(data["nc"]):
         raise ValueError(f"weights {weights} predict {model.nc} classes but the dataset has {data['nc']}; "
                          f"pass the matching --data, or --single-cls to score every class as one")
@@ -130,17 +133,32 @@ def _prepare(data, weights, model, dataloader, device, half, imgsz, batch_size, 
             model = model.to(memory_format=torch.channels_last)
     if dataloader is None:
         gs = max(int(model.stride.max()), 32)
-        imgsz = check_img_size(imgsz, gs)
+        imgsz, rect = _loader_shape(model, imgsz, gs)
         split = task if task in ("train", "val", "test") else "val"
         if not data.get(split):
             raise ValueError(f"dataset has no '{split}' split; add '{split}:' to the dataset YAML or pick --task")
         nc = 1 if single_cls else int(data["nc"])
         dataloader = create_dataloader(data[split], imgsz, batch_size, gs, single_cls, pad=0.0 if task == "speed"
-                                       else 0.5, rect=True, workers=workers, prefix=colorstr(f"{split}: "),
+                                       else 0.5, rect=rect, workers=workers, prefix=colorstr(f"{split}: "),
                                        nc=nc)[0]
     save_dir = Path(save_dir)
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
     return model, device, (half, cpu_bf16), data, dataloader, save_dir, training
+
+
+def _loader_shape(model, imgsz: int, gs: int) -> tuple:
+    """(imgsz, rect) of the val loader: rectangular batches, or for an exported file that takes one input size
+    (models.backends fixed_shape) square images of that size, as YOLOv5 validates such files."""
+    shape = getattr(model, "fixed_shape", None)
+    if not shape:
+        return check_img_size(imgsz, gs), True
+    h, w = shape[2:]
+    if h != w:
+        raise ValueError(f"the exported model takes {h}x{w} images but val.py scores square ones: re-export it "
+                         f"with --imgsz {max(h, w)}, or with --dynamic")
+    if imgsz != h:
+        LOGGER.info(f"the exported model takes {h}x{w} images: validating at --imgsz {h}")
+    return h, False
 
 
 def _reduced_precision(half: bool, device: torch.device) -> tuple:

@@ -609,3 +609,60 @@ def strip_optimizer(path, out=None) -> Path:
     LOGGER.info(f"Optimizer stripped from {path}{f', saved as {target}' if out else ''}, "
                 f"{target.stat().st_size / 1e6:.1f}MB")
     return target
+
+
+# A finished YOLOv5 v6.0 checkpoint (its train.py's last save after strip_optimizer) has these keys, in this order.
+YOLOV5_KEYS = ("epoch", "best_fitness", "model", "ema", "updates", "optimizer", "wandb_id", "training_results")
+# Our module classes that YOLOv5 v6.0 defines at the same import paths; a pickle naming any other cannot load there.
+YOLOV5_CLASSES = frozenset([*(f"models.common.{name}" for name in (
+    "Conv", "DWConv", "TransformerLayer", "TransformerBlock", "Bottleneck", "BottleneckCSP", "C3", "C3TR", "C3SPP",
+    "C3Ghost", "SPP", "SPPF", "Focus", "GhostConv", "GhostBottleneck", "Contract", "Expand", "Concat")),
+    "models.yolo.Model", "models.yolo.Detect"])
+
+
+def _class_path(obj) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def build_yolov5_checkpoint(ckpt: Mapping) -> dict:
+    """ckpt in YOLOv5 v6.0's own pickled layout, for YOLOv5's tools (torch.hub 'custom', its export.py/detect.py,
+    train.py --weights).
+
+    As v6.0 leaves a finished run: 'model' is a pickled ``models.yolo.Model`` (the EMA weights when ckpt has them,
+    unfused, fp16, eval mode, no gradients) carrying v6.0's attributes (yaml, save, nc, names as a list, stride,
+    inplace, and hyp when ckpt records it), epoch -1 and the other keys None. best_fitness is a float instead of
+    v6.0's numpy array: the file then needs no numpy globals (numpy 2 pickles them under numpy._core, a module
+    numpy 1 installs lack), and v6.0 only compares it with floats.
+
+    Args:
+        ckpt: a dict from ``load_checkpoint`` / ``build_checkpoint``.
+
+    Returns:
+        The dict to write with ``save_yolov5_checkpoint``; its model's classes are YOLOV5_CLASSES and torch.nn
+        layers (other blocks, e.g. models.attention, are warned about: v6.0 does not have them).
+    """
+    model = model_from_checkpoint(ckpt, use_ema=True)
+    foreign = sorted({_class_path(m) for m in model.modules()
+                      if _class_path(m).startswith("models.") and _class_path(m) not in YOLOV5_CLASSES})
+    if foreign:
+        LOGGER.warning(f"WARNING: the model uses {', '.join(foreign)}, which YOLOv5 v6.0 does not define: copy "
+                       f"those modules into the YOLOv5 tree (same import paths) before loading the file there")
+    if isinstance(ckpt.get("hyp"), Mapping):
+        model.hyp = dict(ckpt["hyp"])
+    model = model.half().eval().requires_grad_(False)
+    detect = model.model[-1]
+    if isinstance(detect, Detect):  # v6.0 casts Detect's stride with the model but keeps Model's in float32
+        model.stride = detect.stride.float().clone()
+    raw = dict.fromkeys(YOLOV5_KEYS)
+    raw.update(epoch=-1, best_fitness=_to_float(ckpt.get("best_fitness")), model=model)
+    return raw
+
+
+def save_yolov5_checkpoint(raw: Mapping, path) -> Path:
+    """Write a dict from ``build_yolov5_checkpoint`` to path atomically (pickled modules: YOLOv5's own format).
+
+    Our loader reads the file back through its restricted unpickler like any official checkpoint.
+    """
+    if not isinstance(raw.get("model"), Model):
+        raise ValueError("save_yolov5_checkpoint takes the dict build_yolov5_checkpoint returns")
+    return _write_atomically(path, lambda f: torch.save(dict(raw), f))
