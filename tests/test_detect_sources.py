@@ -180,3 +180,17 @@ def test_feature_visualization_mosaic_layout(tmp_path):
     assert im.shape == (66, 526, 3) and (im[:, 64:66] == 255).all() and (im[34:, 2 * 66:] == 255).all()
     assert feature_visualization(x, "models.yolo.Detect", 24, save_dir=tmp_path) is None
     assert feature_visualization(x[:, :, :1], "models.common.Conv", 5, save_dir=tmp_path) is None  # 1-pixel rows
+
+
+def test_cli_bad_stream_sources_print_one_error_line(weights, tmp_path, caplog):
+    from utils.general import run_cli
+
+    (tmp_path / "empty.streams").write_text("# nothing here\n")
+    for source, message in ((tmp_path / "missing.streams", "does not exist"),
+                            (tmp_path / "empty.streams", "is empty"), ("98", "cannot open stream source '98'")):
+        caplog.clear()
+        opt = detect.parse_opt(["--weights", weights, "--source", str(source), "--project", str(tmp_path)])
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(detect.main, opt)
+        errors = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ERROR:")]
+        assert exit_info.value.code == 1 and len(errors) == 1 and message in errors[0]
