@@ -27,17 +27,12 @@ PAD_VALUE = PAD_COLOR[0] / 255  # letterbox's grey, on 0..1 images
 
 
 def weights_kind(path) -> str:
-    """'pt', 'torchscript' or 'onnx' from the file name (YOLOv5 v6.0 named TorchScript files '*.torchscript.pt')."""
+    """'torchscript' or 'onnx' for exported files (YOLOv5 v6.0 named TorchScript files '*.torchscript.pt'), else
+    'pt': any other file is a checkpoint for utils.checkpoint, which says what is wrong with it."""
     name = Path(path).name.lower()
     if name.endswith(".torchscript.pt"):
         return "torchscript"
-    suffix = Path(name).suffix
-    if suffix in EXPORTED_SUFFIXES:
-        return EXPORTED_SUFFIXES[suffix]
-    if suffix in (".pt", ".pth"):
-        return "pt"
-    raise ValueError(f"'{path}' is not a model file this project runs; pass a .pt checkpoint or a .torchscript or "
-                     f".onnx file written by export.py")
+    return EXPORTED_SUFFIXES.get(Path(name).suffix, "pt")
 
 
 def exported_weights(weights) -> Path | None:

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 import export
 import val
-from models.backends import PAD_VALUE, DetectMultiBackend, exported_weights
+from models.backends import PAD_VALUE, DetectMultiBackend, exported_weights, weights_kind
 from models.experimental import attempt_load
 from models.yolo import Model
 from tests.conftest import tiny_model_cfg
@@ -215,6 +215,8 @@ def test_export_checks_its_arguments(tmp_path, monkeypatch, caplog):
         export.run(exported, include=["onnx"])
     with pytest.raises(ValueError, match="ensemble"):
         exported_weights(["a.pt", "b.onnx"])
+    assert [weights_kind(f) for f in ("a.torchscript", "a.torchscript.pt", "a.ONNX", "a.pt", "a.ckpt")] == [
+        "torchscript", "torchscript", "onnx", "pt", "pt"]  # *.torchscript.pt: YOLOv5 v6.0's TorchScript name
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if onnx were not installed
     with pytest.raises(ValueError, match="pip install -r requirements-export.txt"):
         export.run(weights, include=["onnx"])
