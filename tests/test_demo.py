@@ -1,0 +1,97 @@
+"""demo.py's teacher choice, the ship script's record and bench/kd_table.py's bookkeeping (no training here)."""
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import demo
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "data" / "scripts"))
+
+
+def _ship(tmp_path, monkeypatch, **changes):
+    """A fake shipped teacher (an empty .pt and its record) matching data/shapes.yaml unless changed."""
+    shipped = tmp_path / "demo_teacher.pt"
+    shipped.write_bytes(b"")
+    data = yaml.safe_load((ROOT / "data/shapes.yaml").read_text())
+    record = {"generator": dict(data["download"]), "cfg": "yolov5s.yaml", "imgsz": 128, **changes}
+    shipped.with_suffix(".yaml").write_text(yaml.safe_dump(record))
+    monkeypatch.setattr(demo, "SHIPPED_TEACHER", shipped)
+    return shipped
+
+
+def test_shipped_teacher_used_when_data_model_and_size_match(tmp_path, monkeypatch):
+    shipped = _ship(tmp_path, monkeypatch)
+    assert demo.shipped_teacher(demo.parse_opt([])) == shipped
+
+
+@pytest.mark.parametrize("change,args", [
+    ({"generator": {"generator": "shapes", "n_train": 600, "n_val": 150, "img_size": 256, "difficulty": 0.8,
+                    "seed": 0, "image_format": "jpg"}}, []),
+    ({}, ["--imgsz", "160"]),
+    ({}, ["--teacher-cfg", "models/yolov5m.yaml"]),
+])
+def test_shipped_teacher_refused_when_anything_differs(tmp_path, monkeypatch, change, args):
+    _ship(tmp_path, monkeypatch, **change)
+    assert demo.shipped_teacher(demo.parse_opt(args)) is None
+
+
+def test_no_shipped_teacher_without_its_record(tmp_path, monkeypatch):
+    shipped = _ship(tmp_path, monkeypatch)
+    shipped.with_suffix(".yaml").unlink()
+    assert demo.shipped_teacher(demo.parse_opt([])) is None
+
+
+def test_teacher_weight_flag_wins(tmp_path, monkeypatch):
+    _ship(tmp_path, monkeypatch)
+    assert demo.find_teacher(demo.parse_opt(["--teacher-weight", "x.pt"])) == Path("x.pt")
+
+
+def test_ship_record_command_reproduces_the_run():
+    import ship_demo_teacher
+
+    cmd = ship_demo_teacher.command_line({"cfg": "models/yolov5s.yaml", "data": "data/shapes.yaml", "imgsz": 128,
+                                          "epochs": 300, "batch_size": 16, "linear_lr": True, "hyp": "",
+                                          "optimizer": "Adam", "seed": 0})
+    assert cmd == ("python train.py --weights '' --cfg models/yolov5s.yaml --data data/shapes.yaml --optimizer Adam "
+                   "--imgsz 128 --batch-size 16 --epochs 300 --seed 0 --linear-lr")
+
+
+def _kd_table():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import kd_table
+
+    return kd_table
+
+
+def test_kd_table_summary_by_hand(tmp_path):
+    kd_table = _kd_table()
+    cells = [dict(method="baseline", map50="0.20", map="0.10"), dict(method="baseline", map50="0.24", map="0.12"),
+             dict(method="output+at", map50="0.30", map="0.16"), dict(method="output+at", map50="0.34", map="0.18")]
+    text = kd_table.summary(cells, (0.42, 0.21))
+    base50, kd50 = 0.22, 0.32
+    assert f"{kd50:.3f} +- {statistics.stdev([0.30, 0.34]):.3f}" in text
+    assert f"{100 * (kd50 - base50) / (0.42 - base50):.0f}%" in text  # 50% of the gap at mAP@.5
+    assert f"{100 * (0.17 - 0.11) / (0.21 - 0.11):.0f}%" in text  # 60% at mAP@.5:.95
+
+
+def test_kd_table_skips_finished_cells(tmp_path, monkeypatch):
+    kd_table = _kd_table()
+    opt = kd_table.parse_opt(["--methods", "baseline", "output", "--seeds", "0", "--csv", str(tmp_path / "t.csv"),
+                              "--alpha", "1", "--beta", "0.25"])
+    assert kd_table.cell_key(opt, "baseline", 0)[4:] == ("", ""), "the baseline does not depend on KD weights"
+    for row in ({"method": "teacher", "map50": "0.5", "map": "0.3", "teacher": "t.pt"},
+                dict(zip(kd_table.FIELDS[:6], kd_table.cell_key(opt, "baseline", 0)), map50="0.2", map="0.1"),
+                dict(zip(kd_table.FIELDS[:6], kd_table.cell_key(opt, "output", 0)), map50="0.3", map="0.15")):
+        kd_table.append_cell(opt.csv, {f: row.get(f, "") for f in kd_table.FIELDS})
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr(kd_table, "train_cell", no_training)
+    text = kd_table.main(opt)
+    # (0.3 - 0.2) / (0.5 - 0.2) = 33% at mAP@.5, (0.15 - 0.1) / (0.3 - 0.1) = 25% at mAP@.5:.95
+    assert "baseline" in text and "33%" in text and "25%" in text
