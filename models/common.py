@@ -47,6 +47,56 @@ class DWConv(Conv):
         super().__init__(c1, c2, k, s, g=math.gcd(c1, c2), act=act)
 
 
+class GhostConv(nn.Module):
+    """Ghost convolution (GhostNet): a Conv makes half the output channels, a cheap 5x5 depth-wise Conv derives the
+    other half from them. Output channels: 2 * (c2 // 2)."""
+
+    def __init__(self, c1, c2, k=1, s=1, g=1, act=True):
+        super().__init__()
+        half = c2 // 2
+        self.cv1 = Conv(c1, half, k, s, None, g, act)
+        self.cv2 = Conv(half, half, 5, 1, None, half, act)
+
+    def forward(self, x):  # (b, c1, h, w) -> (b, c2, h / s, w / s)
+        primary = self.cv1(x)
+        return torch.cat((primary, self.cv2(primary)), 1)
+
+
+class GhostBottleneck(nn.Module):
+    """Residual block of two GhostConvs; with s=2 a depth-wise conv between them halves the resolution and the
+    shortcut becomes a strided depth-wise conv plus a 1x1 Conv so that the shapes still match."""
+
+    def __init__(self, c1, c2, k=3, s=1):
+        super().__init__()
+        half = c2 // 2
+        strided = s == 2
+        self.conv = nn.Sequential(GhostConv(c1, half, 1, 1),
+                                  DWConv(half, half, k, s, act=False) if strided else nn.Identity(),
+                                  GhostConv(half, c2, 1, 1, act=False))  # linear output: the sum is not activated
+        if strided:
+            self.shortcut = nn.Sequential(DWConv(c1, c1, k, s, act=False), Conv(c1, c2, 1, 1, act=False))
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x):
+        return self.conv(x) + self.shortcut(x)
+
+
+class CrossConv(nn.Module):
+    """A k x k convolution split into a 1 x k and a k x 1 Conv, with an optional residual connection."""
+
+    def __init__(self, c1, c2, k=3, s=1, g=1, e=1.0, shortcut=False):
+        super().__init__()
+        hidden = int(c2 * e)
+        self.cv1 = Conv(c1, hidden, (1, k), (1, s))
+        self.cv2 = Conv(hidden, c2, (k, 1), (s, 1), g=g)
+        self.add = shortcut and c1 == c2
+
+    def forward(self, x):
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
 class Bottleneck(nn.Module):
     """1x1 then 3x3 conv, with a residual connection when requested and the shapes allow it."""
 
@@ -95,6 +145,74 @@ class C3(nn.Module):
 
     def forward(self, x):
         return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
+
+
+class C3TR(C3):
+    """C3 whose inner bottlenecks are replaced by a TransformerBlock of n layers with 4 attention heads."""
+
+    def __init__(self, c1, c2, n=1, shortcut=True, g=1, e=0.5):
+        super().__init__(c1, c2, n, shortcut, g, e)
+        hidden = int(c2 * e)
+        self.m = TransformerBlock(hidden, hidden, 4, n)
+
+
+class C3SPP(C3):
+    """C3 with an SPP block (max-pool kernels k) in place of the bottlenecks."""
+
+    def __init__(self, c1, c2, k=(5, 9, 13), n=1, shortcut=True, g=1, e=0.5):
+        super().__init__(c1, c2, n, shortcut, g, e)
+        hidden = int(c2 * e)
+        self.m = SPP(hidden, hidden, k)
+
+
+class C3Ghost(C3):
+    """C3 built from n GhostBottlenecks (always residual: their shapes match)."""
+
+    def __init__(self, c1, c2, n=1, shortcut=True, g=1, e=0.5):
+        super().__init__(c1, c2, n, shortcut, g, e)
+        hidden = int(c2 * e)
+        self.m = nn.Sequential(*(GhostBottleneck(hidden, hidden) for _ in range(n)))
+
+
+class TransformerLayer(nn.Module):
+    """Transformer encoder layer without LayerNorm: residual multi-head self-attention, then a residual two-layer
+    linear block (no activation between fc1 and fc2, as in YOLOv5).
+
+    Input and output are sequence-first, (tokens, batch, c).
+    """
+
+    def __init__(self, c, num_heads):
+        super().__init__()
+        self.q = nn.Linear(c, c, bias=False)
+        self.k = nn.Linear(c, c, bias=False)
+        self.v = nn.Linear(c, c, bias=False)
+        self.ma = nn.MultiheadAttention(embed_dim=c, num_heads=num_heads)
+        self.fc1 = nn.Linear(c, c, bias=False)
+        self.fc2 = nn.Linear(c, c, bias=False)
+
+    def forward(self, x):  # (L, b, c) -> (L, b, c)
+        x = self.ma(self.q(x), self.k(x), self.v(x), need_weights=False)[0] + x
+        return self.fc2(self.fc1(x)) + x
+
+
+class TransformerBlock(nn.Module):
+    """Vision transformer block over the pixels of a feature map: an optional 1x1 Conv to c2 channels, a learned
+    linear position embedding added to every token, then num_layers TransformerLayers."""
+
+    def __init__(self, c1, c2, num_heads, num_layers):
+        super().__init__()
+        self.conv = Conv(c1, c2) if c1 != c2 else None
+        self.linear = nn.Linear(c2, c2)
+        self.tr = nn.Sequential(*(TransformerLayer(c2, num_heads) for _ in range(num_layers)))
+        self.c2 = c2
+
+    def forward(self, x):  # (b, c1, h, w) -> (b, c2, h, w)
+        if self.conv is not None:
+            x = self.conv(x)
+        b, _, h, w = x.shape
+        tokens = x.flatten(2).permute(2, 0, 1)  # (h * w, b, c2), row-major pixel order
+        tokens = self.tr(tokens + self.linear(tokens))
+        return tokens.permute(1, 2, 0).reshape(b, self.c2, h, w)
 
 
 class SPP(nn.Module):
@@ -149,3 +267,33 @@ class Concat(nn.Module):
 
     def forward(self, x):
         return torch.cat(x, self.d)
+
+
+class Contract(nn.Module):
+    """Space-to-depth by gain: (b, c, h, w) -> (b, c * gain**2, h / gain, w / gain); Expand undoes it."""
+
+    def __init__(self, gain=2):
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        s = self.gain
+        x = x.view(b, c, h // s, s, w // s, s)  # split rows and columns into (cell, offset) pairs
+        x = x.permute(0, 3, 5, 1, 2, 4).contiguous()  # (b, row offset, column offset, c, h / s, w / s)
+        return x.view(b, c * s * s, h // s, w // s)
+
+
+class Expand(nn.Module):
+    """Depth-to-space by gain: (b, c, h, w) -> (b, c / gain**2, h * gain, w * gain), the inverse of Contract."""
+
+    def __init__(self, gain=2):
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        s = self.gain
+        x = x.view(b, s, s, c // s ** 2, h, w)  # (b, row offset, column offset, c / s^2, h, w)
+        x = x.permute(0, 3, 4, 1, 5, 2).contiguous()  # (b, c / s^2, h, row offset, w, column offset)
+        return x.view(b, c // s ** 2, h * s, w * s)

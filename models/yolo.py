@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from models import attention
-from models.common import C3, SPP, SPPF, Bottleneck, BottleneckCSP, Concat, Conv, DWConv, Focus
+from models.common import (C3, C3SPP, C3TR, SPP, SPPF, Bottleneck, BottleneckCSP, C3Ghost, Concat, Contract, Conv,
+                           CrossConv, DWConv, Expand, Focus, GhostBottleneck, GhostConv)
 from utils.general import LOGGER, make_divisible, set_logging, yaml_load
 from utils.torch_utils import fuse_conv_and_bn, initialize_weights, model_info
 
@@ -101,14 +102,18 @@ def _autocast_on(device_type: str) -> bool:
 
 # Names usable in model YAMLs. An explicit table instead of eval(): a YAML can only name these.
 MODULES = {
-    "Conv": Conv, "DWConv": DWConv, "Bottleneck": Bottleneck, "BottleneckCSP": BottleneckCSP, "C3": C3,
-    "SPP": SPP, "SPPF": SPPF, "Focus": Focus, "Concat": Concat, "Detect": Detect,
+    "Conv": Conv, "DWConv": DWConv, "GhostConv": GhostConv, "Bottleneck": Bottleneck,
+    "GhostBottleneck": GhostBottleneck, "CrossConv": CrossConv, "BottleneckCSP": BottleneckCSP, "C3": C3,
+    "C3TR": C3TR, "C3SPP": C3SPP, "C3Ghost": C3Ghost, "SPP": SPP, "SPPF": SPPF, "Focus": Focus,
+    "Concat": Concat, "Contract": Contract, "Expand": Expand, "Detect": Detect,
     "nn.Upsample": nn.Upsample, "nn.BatchNorm2d": nn.BatchNorm2d, "nn.Identity": nn.Identity,
+    "nn.MaxPool2d": nn.MaxPool2d, "nn.ZeroPad2d": nn.ZeroPad2d,
     "SELayer": attention.SELayer, "ASCBAM": attention.ASCBAM, "CBAM": attention.ASCBAM,
     "CABlock": attention.CABlock, "Conv1_1": attention.Conv1_1,
 }
-CONV_LIKE = (Conv, DWConv, Bottleneck, BottleneckCSP, C3, SPP, SPPF, Focus)
-REPEATED_INSIDE = (BottleneckCSP, C3)  # depth multiple goes into their 'n' argument
+CONV_LIKE = (Conv, DWConv, GhostConv, Bottleneck, GhostBottleneck, CrossConv, BottleneckCSP, C3, C3TR, C3SPP,
+             C3Ghost, SPP, SPPF, Focus)  # YAML: [c2, *rest] -> (c1, scaled c2, *rest)
+REPEATED_INSIDE = (BottleneckCSP, C3, C3TR, C3Ghost)  # depth multiple goes into their 'n' argument
 ATTENTION = (attention.SELayer, attention.ASCBAM, attention.CABlock)
 ARG_WORDS = {"None": None, "True": True, "False": False}
 
@@ -140,6 +145,10 @@ def _layer_args(m, args, f, n, ch, nc, no, gw):
         return [ch[f], c2, *args[1:]], c2, n
     if m is nn.BatchNorm2d:
         return [ch[f]], ch[f], n
+    if m is Contract:  # YAML: [gain]
+        return args, ch[f] * args[0] ** 2, n
+    if m is Expand:
+        return args, ch[f] // args[0] ** 2, n
     if m is Concat:
         return args, sum(ch[x] for x in f), n
     if m is Detect:
@@ -203,10 +212,12 @@ class Model(nn.Module):
         m = self.model[-1]
         if not isinstance(m, Detect):
             return
-        probe = 128  # any multiple of the largest stride works (P6 models: 64)
+        # any multiple of the largest stride works (P6: 64, P7: 128); two images because the train-mode
+        # BatchNorm of a P7 model's 1x1 stride-128 map needs more than one value per channel
+        probe = 128
         m.inplace = self.inplace
         with torch.no_grad():
-            outs = self.forward(torch.zeros(1, ch, probe, probe))
+            outs = self.forward(torch.zeros(2, ch, probe, probe))
         m.stride = torch.tensor([probe / x.shape[-2] for x in outs])
         check_anchor_order(m)
         m.anchors /= m.stride.view(-1, 1, 1)  # anchors live in grid units from here on

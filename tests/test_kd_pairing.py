@@ -110,3 +110,35 @@ def test_pair_with_attention_teacher(models, cfg_name, block):
     t_back, t_neck = _widths("m")
     assert [p.t_channels for p in pairs] == t_back + t_neck  # attention keeps channel counts
     assert [p.stride for p in pairs] == [4, 8, 16, 32, 8, 16, 32]
+
+
+def test_p6_student_and_teacher_pair_automatically():
+    """yolov5s6 <- yolov5m6: five backbone stages (strides 4-64) and the four Detect inputs (layers 23, 26, 29, 32)."""
+    from utils.kd.task import check_teacher
+
+    hub = ROOT / "models" / "hub"
+    student, teacher = Model(hub / "yolov5s6.yaml", nc=3), Model(hub / "yolov5m6.yaml", nc=3)
+    assert check_teacher(student, teacher) is False  # same strides and anchors: nothing to adopt
+    pairs = pair_layers(student, teacher)
+    names = ["model.2", "model.4", "model.6", "model.8", "model.11", "model.23", "model.26", "model.29", "model.32"]
+    assert [p.s_name for p in pairs] == names and [p.t_name for p in pairs] == names
+    assert [p.stride for p in pairs] == [4, 8, 16, 32, 64, 8, 16, 32, 64]
+    widths = (128, 256, 512, 768, 1024, 256, 512, 768, 1024)  # YAML channels of those layers
+    assert [p.s_channels for p in pairs] == [make_divisible(c * 0.50, 8) for c in widths]
+    assert [p.t_channels for p in pairs] == [make_divisible(c * 0.75, 8) for c in widths]
+    p5_student = Model(ROOT / "models" / "yolov5s.yaml", nc=3)
+    with pytest.raises(ValueError, match=r"strides \[8.0, 16.0, 32.0, 64.0\] differ .*levels 4 vs 3"):
+        check_teacher(p5_student, teacher)
+    with pytest.raises(ValueError, match="backbone strides differ"):
+        pair_layers(p5_student, teacher)
+
+
+def test_p7_default_probe_covers_stride_128():
+    """A P7 model cannot be probed at 64 px; the default probe grows to its largest stride."""
+    from utils.general import yaml_load
+
+    cfg = {**yaml_load(ROOT / "models" / "hub" / "yolov5-p7.yaml"), "nc": 3, "width_multiple": 0.125,
+           "depth_multiple": 0.33}
+    names = kd_layer_names(Model(cfg))
+    assert names == {"backbone": ["model.2", "model.4", "model.6", "model.8", "model.10", "model.13"],
+                     "neck": ["model.29", "model.32", "model.35", "model.38", "model.41"]}

@@ -1,12 +1,15 @@
 """Automatic teacher/student layer pairing read off the model structure (no hard-coded layer indices).
 
-Backbone layers pair by stride (the last backbone layer at strides 4, 8, 16 and 32: with attention blocks inserted
-after C3 blocks this picks the attention output), neck layers pair by detection level (the layers feeding Detect).
-Strides are measured by a small probe forward, not assumed.
+Backbone layers pair by stride (the last backbone layer at strides 4, 8, 16 and 32, plus 64 and 128 in P6/P7 models:
+with attention blocks inserted after C3 blocks this picks the attention output), neck layers pair by detection level
+(the layers feeding Detect: 3 for P5 models, 4 for P6, 5 for P7). Strides are measured by a small probe forward, not
+assumed.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
+
+import math
 
 import torch
 import torch.nn as nn
@@ -14,7 +17,8 @@ import torch.nn as nn
 from utils.kd.recorder import FeatureRecorder
 from utils.torch_utils import de_parallel
 
-BACKBONE_STRIDES = (4, 8, 16, 32)
+BACKBONE_STRIDES = (4, 8, 16, 32, 64, 128)  # those a model has; 64 and 128 only exist in P6/P7 backbones
+MIN_PROBE = 64  # default probe size in pixels, raised to the largest stride of a P7 model
 GROUPS = ("backbone", "neck")
 
 
@@ -36,6 +40,18 @@ def _check_model(model):
     return model
 
 
+def _max_stride(model) -> int:
+    return int(getattr(de_parallel(model), "stride", torch.tensor([32])).max())
+
+
+def default_probe_size(*models) -> int:
+    """The smallest probe size (pixels) that is a multiple of every model's largest stride, at least MIN_PROBE."""
+    size = MIN_PROBE
+    for model in models:
+        size = math.lcm(size, _max_stride(model))
+    return size
+
+
 def probe_shapes(model: nn.Module, names, imgsz: int = 64) -> dict:
     """Output shapes of the named layers for one zero image of imgsz x imgsz pixels.
 
@@ -50,7 +66,7 @@ def probe_shapes(model: nn.Module, names, imgsz: int = 64) -> dict:
         {name: (1, c, h, w)} as tuples of ints, in the order of names.
     """
     model = de_parallel(model)
-    stride = int(getattr(model, "stride", torch.tensor([32])).max())
+    stride = _max_stride(model)
     if imgsz % stride:
         raise ValueError(f"probe imgsz={imgsz} must be a multiple of the largest stride {stride}")
     param = next(model.parameters())
@@ -89,18 +105,19 @@ def _neck_names(model):
     return [f"model.{j if j >= 0 else detect.i + j}" for j in sources]
 
 
-def kd_layer_names(model: nn.Module, imgsz: int = 64) -> dict:
+def kd_layer_names(model: nn.Module, imgsz: int | None = None) -> dict:
     """Distillation layers of a models.yolo.Model.
 
     Args:
         model: the model (DP/DDP unwrapped).
-        imgsz: probe size.
+        imgsz: probe size; None: default_probe_size(model).
 
     Returns:
-        {'backbone': names of the last backbone layer at strides 4, 8, 16, 32 (those present, ascending),
+        {'backbone': names of the last backbone layer at each of BACKBONE_STRIDES the model has (ascending),
          'neck': names of the layers feeding Detect, in detection-level order}.
     """
     model = _check_model(model)
+    imgsz = imgsz or default_probe_size(model)
     return {"backbone": list(_backbone_by_stride(model, imgsz).values()), "neck": _neck_names(model)}
 
 
@@ -124,7 +141,7 @@ def _auto_names(student, teacher, groups, imgsz):
     return s_names, t_names
 
 
-def pair_layers(student: nn.Module, teacher: nn.Module, s_names=None, t_names=None, imgsz: int = 64,
+def pair_layers(student: nn.Module, teacher: nn.Module, s_names=None, t_names=None, imgsz: int | None = None,
                 groups=GROUPS) -> list:
     """Pair student and teacher layers for feature distillation.
 
@@ -134,7 +151,7 @@ def pair_layers(student: nn.Module, teacher: nn.Module, s_names=None, t_names=No
     Args:
         student, teacher: models.yolo.Model instances (DP/DDP unwrapped); only probed, never changed.
         s_names, t_names: optional explicit named_modules() names.
-        imgsz: probe size.
+        imgsz: probe size; None: default_probe_size(student, teacher) (64 px for P5 and P6 models).
         groups: which automatic groups to use, a subset of ('backbone', 'neck'), in that order.
 
     Returns:
@@ -147,6 +164,7 @@ def pair_layers(student: nn.Module, teacher: nn.Module, s_names=None, t_names=No
     if unknown:
         raise ValueError(f"unknown layer groups {sorted(unknown)}; choose from {GROUPS}")
     student, teacher = de_parallel(student), de_parallel(teacher)
+    imgsz = imgsz or default_probe_size(student, teacher)
     if s_names is None or t_names is None:
         auto_s, auto_t = _auto_names(_check_model(student), _check_model(teacher), groups, imgsz)
         s_names = auto_s if s_names is None else list(s_names)
