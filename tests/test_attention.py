@@ -15,7 +15,9 @@ from utils.general import LOGGER, make_divisible, yaml_load
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_YAMLS = sorted((ROOT / "models").glob("*.yaml"))
-HUB_YAMLS = sorted((ROOT / "models" / "hub").glob("*.yaml"))
+# the attention variants among models/hub (the rest are YOLOv5 v6.0's own hub models: tests/test_hub_models.py)
+HUB_YAMLS = sorted(p for p in (ROOT / "models" / "hub").glob("yolov5[nsmlx]-*.yaml")
+                   if p.stem.split("-")[1] in ("SE", "CBAM", "CA"))
 ATTENTION_NAMES = {"SELayer", "ASCBAM", "CBAM", "CABlock"}
 INP, OUP = 16, 24
 KINDS = ["SE", "CBAM", "CBAM-AS", "CA"]
