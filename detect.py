@@ -122,7 +122,7 @@ def _can_visualize(model) -> bool:
     return False
 
 
-def _items(path, im0s, dataset, webcam):
+def _items(path, im0s, webcam: bool) -> list:
     """(slot, name path, original image, description) for each image of one loader item."""
     if not webcam:
         return [(0, path, im0s, "")]
@@ -208,7 +208,7 @@ def run(weights="yolov5s.pt", source="data/images", data=None, imgsz=(640, 640),
             t3 = _clock(device)
             times, seen, shape = times + (t1 - t0, t2 - t1, t3 - t2), seen + len(dets), tuple(x.shape)
             stop = False
-            for (slot, p, im0, prefix), det in zip(_items(path, im0s, dataset, webcam), dets):
+            for (slot, p, im0, prefix), det in zip(_items(path, im0s, webcam), dets):
                 det[:, :4] = scale_coords(x.shape[2:], det[:, :4], im0.shape).round()
                 LOGGER.info(f"{s}{prefix}{x.shape[2]}x{x.shape[3]} {_summary(det, names)}Done. ({t3 - t1:.3f}s)")
                 fps = dataset.fps[slot] if webcam else (cap.get(cv2.CAP_PROP_FPS) if cap is not None else 0)
