@@ -63,7 +63,7 @@ def test_ft_size_free_is_the_squared_distance_over_channels():
 def test_mimic_size_free_is_a_relative_error():
     g = torch.Generator().manual_seed(3)
     s, t = torch.randn(2, 4, 5, 5, generator=g), torch.randn(2, 4, 5, 5, generator=g) * 3 + 1
-    expected = ((s - t) ** 2).mean() / ((s ** 2).mean() + (t ** 2).mean())
+    expected = sum(((s[i] - t[i]) ** 2).mean() / ((s[i] ** 2).mean() + (t[i] ** 2).mean()) for i in range(2)) / 2
     got = size_free("mimic", mimic_loss(s, t), t, s)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     scaled = size_free("mimic", mimic_loss(s * 1000, t * 1000), t * 1000, s * 1000)  # activation scale drops out
@@ -113,13 +113,31 @@ def test_detection_reduction_divides_box_and_cls_by_the_objectness_mass():
     s, t = [_level(2, 4, 3, g, 0.0)], [_level(2, 4, 3, g, 0.0)]
     w = torch.sigmoid(t[0][..., 4])
     box, obj, cls = output_kd_terms(s, t, kind="l2", reduction="detection")
-    assert box.item() == pytest.approx(((s[0][..., :4] - t[0][..., :4]) ** 2 * w[..., None]).sum().item()
-                                       / (w.sum().item() * 4), rel=1e-5)
-    assert cls.item() == pytest.approx(((s[0][..., 5:] - t[0][..., 5:]) ** 2 * w[..., None]).sum().item()
-                                       / (w.sum().item() * 3), rel=1e-5)
+    expected_box = expected_cls = 0.0
+    for i in range(2):  # per image: weighted errors over that image's objectness mass (at least 1), then the mean
+        mass = max(w[i].sum().item(), 1.0)
+        expected_box += ((s[0][i, ..., :4] - t[0][i, ..., :4]) ** 2 * w[i, ..., None]).sum().item() / (mass * 4) / 2
+        expected_cls += ((s[0][i, ..., 5:] - t[0][i, ..., 5:]) ** 2 * w[i, ..., None]).sum().item() / (mass * 3) / 2
+    assert box.item() == pytest.approx(expected_box, rel=1e-5)
+    assert cls.item() == pytest.approx(expected_cls, rel=1e-5)
     assert obj.item() == pytest.approx(((s[0][..., 4] - t[0][..., 4]) ** 2 * w).mean().item(), rel=1e-5)
     plain = output_kd_terms(s, t, kind="l2")
     assert plain[1].item() == pytest.approx(obj.item(), rel=1e-6), "obj is reduced as in the original formula"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "detection"])
+def test_batch_term_is_the_mean_of_per_image_terms(reduction):
+    """What DDP needs: processes holding different images of a batch add up to the whole batch's loss."""
+    g = torch.Generator().manual_seed(7)
+    s = [torch.randn(4, 3, n, n, 8, generator=g) for n in (4, 2)]
+    t = [torch.randn(4, 3, n, n, 8, generator=g) * 3 for n in (4, 2)]
+    whole = torch.stack(output_kd_terms(s, t, reduction=reduction))
+    halves = [torch.stack(output_kd_terms([x[i:i + 2] for x in s], [x[i:i + 2] for x in t], reduction=reduction))
+              for i in (0, 2)]
+    torch.testing.assert_close(whole, (halves[0] + halves[1]) / 2, rtol=1e-5, atol=0)
+    mimic = size_free("mimic", None, t[0][..., 0], s[0][..., 0])
+    mimic_halves = [size_free("mimic", None, t[0][i:i + 2, ..., 0], s[0][i:i + 2, ..., 0]) for i in (0, 2)]
+    torch.testing.assert_close(mimic, (mimic_halves[0] + mimic_halves[1]) / 2, rtol=1e-5, atol=0)
 
 
 def test_detection_reduction_box_and_cls_do_not_shrink_with_more_background_cells():

@@ -121,7 +121,7 @@ def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, sin
     """(box, obj, cls) scalars for one level; index/masks are None without class mapping.
 
     weighted=False averages each term over the level's cells (bs * na * ny * nx); weighted=True divides box and cls
-    by the sum of the objectness weights w instead, a w-weighted mean per cell (see output_kd_terms' reduction).
+    by each image's sum of the objectness weights w instead (see _reduce and output_kd_terms' reduction).
     """
     s, t = s.float(), t.detach().float()
     t_obj = t[..., 4]  # (bs, na, ny, nx)
@@ -132,24 +132,36 @@ def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, sin
     else:
         w = torch.sigmoid(t_obj)
         obj_target = w if kind == "bce" else t_obj
-    cells = w.numel()
-    soft_positives = w.sum().clamp(min=_TINY) if weighted else cells  # what box and cls are divided by
     # box stays MSE on raw xywh logits for every kind: they are regression outputs, not probabilities
-    box = ((s[..., :4] - t[..., :4]).square() * w[..., None]).sum() / (soft_positives * 4)
+    box = _reduce((s[..., :4] - t[..., :4]).square() * w[..., None], w, 4, weighted)
     if kind == "bce":
-        obj = (F.binary_cross_entropy_with_logits(s[..., 4], obj_target, reduction="none") * w).sum() / cells
+        obj = (F.binary_cross_entropy_with_logits(s[..., 4], obj_target, reduction="none") * w).mean()
     else:
-        obj = ((s[..., 4] - obj_target).square() * w).sum() / cells
+        obj = ((s[..., 4] - obj_target).square() * w).mean()
     if single_class:  # the student's one class has no teacher channel to learn from
         return box, obj, s.new_zeros(())
     t_cls = t[..., 5:] if index is None else t[..., 5:].index_select(-1, index.clamp(min=0))
     elements = _class_elements(kind, s[..., 5:], t_cls, temperature, student_mask) * w[..., None]
     if student_mask is None:
-        cls = elements.sum() / (soft_positives * elements.shape[-1])
+        cls = _reduce(elements, w, elements.shape[-1], weighted)
     else:  # average over mapped classes only, so the term's scale does not shrink with fewer matches
         keep = student_mask.float()
-        cls = (elements * keep).sum() / (soft_positives * keep.sum().clamp(min=1))
+        cls = _reduce(elements * keep, w, keep.sum().clamp(min=1), weighted)
     return box, obj, cls
+
+
+def _reduce(elements, w, per_cell, weighted):
+    """Scalar from w-weighted errors ``elements`` (bs, na, ny, nx, k) holding ``per_cell`` terms per cell.
+
+    Not weighted: the mean over all bs * na * ny * nx cells (the original formula). Weighted: per image, the sum
+    divided by that image's objectness mass sum(w) (at least 1, one confident cell's worth, so a level where the
+    teacher sees nothing is not blown up), then the mean over images. Per image, so that DDP processes holding
+    different images add up to the whole batch, as YOLOv5's per-image loss convention needs.
+    """
+    if not weighted:
+        return elements.sum() / (w.numel() * per_cell)
+    mass = w.flatten(1).sum(1).clamp(min=1.0)  # (bs,)
+    return (elements.flatten(1).sum(1) / (mass * per_cell)).mean()
 
 
 def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=None, t_obj_scale=None,
@@ -181,8 +193,8 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
             teacher class is mapped (utils.kd.classmap.needs_obj_scaling) to skip work that would multiply by 1.
         single_class: the student has one class and learns from the teacher's best class (no t_cls_index).
         reduction: 'mean' (the formulas above: each level's weighted errors averaged over all its cells, as the
-            original KD scripts did) or 'detection' (box and cls divided by the level's sum of w instead of its cell
-            count, obj as in 'mean'). This mirrors YOLOv5's detection loss, which averages box and cls over the
+            original KD scripts did) or 'detection' (box and cls: per image, divided by the image's sum of w at
+            that level (at least 1) instead of the cell count, then averaged over images; obj as in 'mean'). This mirrors YOLOv5's detection loss, which averages box and cls over the
             matched cells and obj over all cells: w acts as a soft "matched" mask. A 'mean' term shrinks as the image
             grows (the cells the teacher sees objects in stay about as many while all cells grow with the image
             area); a 'detection' box or cls term does not, and its obj term is made size-free the way YOLOv5 does it
@@ -405,9 +417,9 @@ def size_free(name, value, t, s=None):
       difference over the positions, so the plain loss falls like 1 / (h * w) (26-33x from 128 to 640 px). Times
       h * w it becomes the squared distance between the two unit maps per image (in [0, 2]; at_masked weighted).
     - ft, likewise normalised over channels and averaged over them: times c, the squared distance per image.
-    - mimic is an MSE of raw activations, whose scale is the networks' business: divided by the mean square of
-      the two feature maps together (a constant for the gradient) it becomes a relative error in [0, 2] (0 when
-      equal, 1 when one of them is zero). Dividing by the teacher's alone would explode for a teacher whose
+    - mimic is an MSE of raw activations, whose scale is the networks' business: per image, divided by the mean
+      square of the two feature maps together (a constant for the gradient), it becomes a relative error in [0, 2]
+      (0 when equal, 1 when one of them is zero), then averaged over images; ``value`` is recomputed per image. Dividing by the teacher's alone would explode for a teacher whose
       features are near zero at a layer (a random-init teacher in eval mode shrinks them ~1000x per stage).
     - cwd (a KL per channel, summed over positions) and pkd (2 (1 - r) per channel, in [0, 4]) are left as they are.
 
@@ -422,9 +434,10 @@ def size_free(name, value, t, s=None):
         return value * (t.shape[2] * t.shape[3])
     if name == "ft":
         return value * t.shape[1]
-    if name == "mimic":
-        energy = t.detach().float().square().mean() + s.detach().float().square().mean()
-        return value / energy.clamp(min=_TINY)
+    if name == "mimic":  # per image, so that DDP processes holding different images add up to the whole batch
+        s, t = s.float(), t.detach().float()
+        energy = (t.square().mean((1, 2, 3)) + s.detach().square().mean((1, 2, 3))).clamp(min=_TINY)  # (bs,)
+        return ((s - t).square().mean((1, 2, 3)) / energy).mean()
     return value
 
 
