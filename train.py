@@ -6,6 +6,7 @@ Usage:
     torchrun --nproc_per_node 4 train.py --data data/VOC.yaml --cfg models/yolov5l.yaml --batch-size 64
     python train.py --resume                      # newest runs/**/last.pt
     python train.py --resume runs/train/exp3/weights/last.pt
+    python train.py --evolve 100 --epochs 10      # hyperparameter evolution into runs/evolve/exp
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch.distributed as dist  # noqa: E402
 from utils.engine import HYP_DEFAULTS, DetectionTask, Trainer, distributed_env  # noqa: E402
 from utils.general import (LOGGER, colorstr, find_file, get_latest_run, increment_path, print_args,  # noqa: E402
                            run_cli, set_logging, yaml_load, yaml_save)
-from utils.loggers import RunLogger  # noqa: E402
+from utils.loggers import RunLogger, optional_loggers  # noqa: E402
 from utils.torch_utils import cpu_has_native_bf16, select_device, select_precision  # noqa: E402
 
 
@@ -42,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noval", action="store_true", help="only validate the final epoch")
     p.add_argument("--noautoanchor", action="store_true", help="disable AutoAnchor")
     p.add_argument("--cache", type=str, nargs="?", const="ram", help="--cache images in 'ram' (default) or 'disk'")
-    p.add_argument("--image-weights", action="store_true", help="accepted for compatibility; not used")
+    p.add_argument("--evolve", type=int, nargs="?", const=300,
+                   help="evolve hyperparameters for N generations (300 when bare) into runs/evolve/exp")
+    p.add_argument("--image-weights", action="store_true",
+                   help="draw each epoch's images weighted by their classes' rarity and low mAP (single process)")
     p.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
     p.add_argument("--multi-scale", action="store_true", help="vary img-size +/- 50%%")
     p.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
@@ -53,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", default="runs/train", help="save to project/name")
     p.add_argument("--name", default="exp", help="save to project/name")
     p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
-    p.add_argument("--quad", action="store_true", help="accepted for compatibility; not used")
+    p.add_argument("--quad", action="store_true",
+                   help="quad dataloader: every 4 images form one of twice the size (2x2 tiles or one upsampled)")
     p.add_argument("--cos-lr", action="store_true", help="cosine LR scheduler (already the default, as in v6.0)")
     p.add_argument("--linear-lr", action="store_true", help="linear LR instead of the default cosine")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing epsilon")
@@ -117,6 +122,7 @@ def prepare_run(opt: argparse.Namespace, parser=None):
             if isinstance(value, str) and not value:
                 raise ValueError(f"--{flag} must not be empty")
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok or opt.resume))
+    _check_loader_options(opt, local_rank, world_size)
     device = select_device(opt.device, batch_size=opt.batch_size)
     precision = select_precision(device, opt.amp)
     opt.amp = precision.enabled  # resolved here, so opt.yaml records it and --resume keeps it
@@ -148,12 +154,56 @@ def prepare_run(opt: argparse.Namespace, parser=None):
     return opt, hyp, device
 
 
+def _check_loader_options(opt, local_rank: int, world_size: int) -> None:
+    """--image-weights and --quad limits, before any process group or dataset."""
+    if getattr(opt, "image_weights", False) and local_rank != -1:
+        raise ValueError("--image-weights works in a single process only (as in YOLOv5 v6.0); drop it or train "
+                         "without torchrun")
+    if getattr(opt, "quad", False) and opt.batch_size // world_size < 4:
+        raise ValueError(f"--quad collates 4 images into one: --batch-size {opt.batch_size} gives "
+                         f"{opt.batch_size // world_size} per process; use at least {4 * world_size}")
+
+
+def evolve(opt: argparse.Namespace, task_factory=DetectionTask.build, parser=None, meta=None, flags=(),
+           command: str = "train.py"):
+    """--evolve: train opt.evolve generations of mutated hyperparameters (utils/evolve.py).
+
+    Args:
+        meta: name -> (scale, lower, upper) of the values to evolve (default: YOLOv5 v6.0's hyp table).
+        flags: names in meta that are options of opt rather than hyp keys (train_kd.py's KD weights).
+        command: the script, for the usage line.
+
+    Returns:
+        (resolved options with save_dir, the best generation's 7 results).
+    """
+    from utils.evolve import DEFAULT_ANCHORS, META, evolve_options
+    from utils.evolve import evolve as run_generations
+
+    meta = META if meta is None else meta
+    opt, hyp, device = prepare_run(evolve_options(opt), parser)
+    if "anchors" in meta:  # v6.0 evolves the anchor count too, from 3 per level
+        hyp.setdefault("anchors", DEFAULT_ANCHORS)
+    start = {**hyp, **{k: getattr(opt, k) for k in flags}}
+
+    def train_generation(values: dict) -> tuple:
+        generation_opt = argparse.Namespace(**{**vars(opt), **{k: values[k] for k in flags}})
+        generation_hyp = {k: v for k, v in values.items() if k not in flags}
+        return Trainer(generation_opt, generation_hyp, Path(opt.save_dir), device, task_factory=task_factory).fit()
+
+    best = run_generations(opt.save_dir, start, meta, train_generation, opt.evolve, seed=opt.seed, command=command,
+                           flags=flags)
+    return opt, tuple(best["results"])
+
+
 def main(opt: argparse.Namespace, task_factory=DetectionTask.build, parser=None):
-    """Train. Returns (resolved options with save_dir, final (P, R, mAP@.5, mAP@.5:.95, val losses))."""
+    """Train (or evolve with --evolve). Returns (resolved options with save_dir, final (P, R, mAP@.5, mAP@.5:.95,
+    val losses))."""
+    if getattr(opt, "evolve", None):
+        return evolve(opt, task_factory, parser)
     opt, hyp, device = prepare_run(opt, parser)
     try:
         trainer = Trainer(opt, hyp, Path(opt.save_dir), device, task_factory=task_factory,
-                          callbacks=[RunLogger(opt.save_dir)])
+                          callbacks=[RunLogger(opt.save_dir), *optional_loggers(opt.save_dir)])
         results = trainer.fit()
     finally:
         if dist.is_available() and dist.is_initialized():

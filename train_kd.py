@@ -24,6 +24,8 @@ from utils.kd.task import DistillationTask  # noqa: E402
 
 
 DEFAULT_FEAT_LOSS = ("at",)  # with output KD: the best measured recipe, and what the original scripts did
+# --evolve also evolves the KD weights: flag -> (mutation scale, lower limit, upper limit), as utils/evolve.META
+KD_EVOLVE_META = {"alpha": (1, 0.0, 10.0), "beta": (1, 0.0, 10.0), "temperature": (1, 1.0, 40.0)}
 
 
 def _bool_word(value: str) -> bool:
@@ -74,15 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(opt: argparse.Namespace, parser=None):
     """Train with or without KD. Returns (resolved options with save_dir, final validation results)."""
     parser = parser or build_parser()
-    if opt.resume:  # the resumed run's own options decide between KD and plain training
+    evolving = bool(getattr(opt, "evolve", None))
+    if opt.resume and not evolving:  # the resumed run's own options decide between KD and plain training
         opt = train.resolve_resume(opt, parser)
     if getattr(opt, "isL", None) is not None:
         LOGGER.info(f"note: --isL {opt.isL} is ignored; teacher/student layers and channels are paired automatically")
     if not opt.kd:
         return train.main(opt, task_factory=DetectionTask.build, parser=parser)
-    if not opt.resume and not opt.teacher_weight:
+    if (evolving or not opt.resume) and not opt.teacher_weight:
         raise ValueError("--teacher_weight is required for distillation (or pass --no-kd for plain training)")
+    if evolving:
+        return train.evolve(opt, DistillationTask.build, parser, meta=kd_evolve_meta(), flags=tuple(KD_EVOLVE_META),
+                            command="train_kd.py")
     return train.main(opt, task_factory=DistillationTask.build, parser=parser)
+
+
+def kd_evolve_meta() -> dict:
+    """What --evolve mutates in a KD run: YOLOv5 v6.0's hyp table plus the KD weights, without the anchor count
+    (the student keeps the teacher's anchors, so it must keep their number too)."""
+    from utils.evolve import META
+
+    return {**{k: v for k, v in META.items() if k != "anchors"}, **KD_EVOLVE_META}
 
 
 def run(**kwargs):

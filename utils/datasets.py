@@ -549,6 +549,98 @@ class LoadImagesAndLabels(Dataset):
             t[:, 0] = i
         return torch.stack(ims, 0), torch.cat(targets, 0), paths, shapes
 
+    @staticmethod
+    def collate_fn4(batch):
+        """--quad (YOLOv5 v6.0): every 4 images become one image of twice the size.
+
+        Each group of 4 becomes, with probability 1/2, its first image upsampled 2x (bilinear; normalised labels
+        unchanged), else a 2x2 tiling: image 0 top left, 1 bottom left, 2 top right, 3 bottom right, with label
+        centres shifted into their quarter and every coordinate halved. Images past the last whole group are
+        dropped, as in v6.0; a batch of only 1-3 images (the last one of an epoch) gives its first image upsampled.
+
+        Returns:
+            (imgs uint8 (B // 4, 3, 2H, 2W), targets (N, 6) [img_idx, cls, xc, yc, w, h], the groups' first paths,
+            the groups' first shapes).
+        """
+        ims, targets, paths, shapes = zip(*batch)
+        groups = max(len(ims) // 4, 1)
+        out_ims, out_targets = [], []
+        for g in range(groups):
+            k = 4 * g
+            if len(ims) < 4 or random.random() < 0.5:
+                im = torch.nn.functional.interpolate(ims[k][None].float(), scale_factor=2.0, mode="bilinear",
+                                                     align_corners=False)[0].to(ims[k].dtype)
+                t = targets[k].clone()
+            else:
+                left, right = torch.cat(ims[k:k + 2], 1), torch.cat(ims[k + 2:k + 4], 1)  # stacked along height
+                im = torch.cat((left, right), 2)
+                t = torch.cat([_quarter(targets[k + q], dx, dy) for q, (dx, dy) in enumerate(QUAD_OFFSETS)], 0)
+            out_ims.append(im)
+            out_targets.append(t)
+        for i, t in enumerate(out_targets):
+            t[:, 0] = i
+        # each group's first path and shapes (v6.0 kept the batch's first B // 4, which name other images)
+        return torch.stack(out_ims, 0), torch.cat(out_targets, 0), paths[0:4 * groups:4], shapes[0:4 * groups:4]
+
+
+QUAD_OFFSETS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (dx, dy) of images 0..3 in a 2x2 quad tile, in image widths
+
+
+def _quarter(targets: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """Targets (n, 6) [img, cls, xc, yc, w, h] of an image placed at (dx, dy) of a 2x2 tiling, normalised to it."""
+    t = targets.clone()
+    t[:, 2] = (t[:, 2] + dx) / 2
+    t[:, 3] = (t[:, 3] + dy) / 2
+    t[:, 4:6] /= 2
+    return t
+
+
+def labels_to_class_weights(labels, nc: int) -> np.ndarray:
+    """Class weights from label frequencies (YOLOv5's): inverse instance count, normalised to sum to 1.
+
+    Args:
+        labels: per image (n_i, 5) [cls, xc, yc, w, h] arrays.
+        nc: number of classes; a class without instances counts as one.
+
+    Returns:
+        (nc,) float64 weights.
+    """
+    classes = np.concatenate([lb[:, 0] for lb in labels]).astype(int) if len(labels) else np.zeros(0, int)
+    counts = np.bincount(classes, minlength=nc).astype(np.float64)
+    counts[counts == 0] = 1
+    weights = 1 / counts
+    return weights / weights.sum()
+
+
+def labels_to_image_weights(labels, nc: int, class_weights: np.ndarray) -> np.ndarray:
+    """Weight of each image: the sum of its labels' class weights. Returns (n_images,)."""
+    counts = np.stack([np.bincount(lb[:, 0].astype(int), minlength=nc) for lb in labels])  # (n_images, nc)
+    return counts @ np.asarray(class_weights, dtype=np.float64)
+
+
+def image_weighted_indices(labels, nc: int, maps, rng: random.Random | None = None) -> list[int]:
+    """--image-weights (YOLOv5 v6.0): an epoch's image draw favouring rare classes and classes with low mAP.
+
+    A class weighs its inverse-frequency weight (labels_to_class_weights) times (1 - its mAP)^2 (v6.0 writes this
+    as class_weights * nc * (1 - maps)^2 / nc); an image weighs the sum over its labels; n images are drawn with
+    replacement in proportion to that.
+
+    Args:
+        labels: per image (n_i, 5) label arrays (dataset.labels).
+        nc: number of classes.
+        maps: (nc,) per-class mAP@.5:.95 from the last validation (zeros before any).
+        rng: random.Random to draw with (default: the module-level generator, which the trainer seeds).
+
+    Returns:
+        n dataset indices (dataset.indices for the epoch). Images without labels get weight 0 and are never
+        drawn, unless no image has a positive weight, when every image is equally likely.
+    """
+    class_weights = labels_to_class_weights(labels, nc) * (1 - np.asarray(maps, dtype=np.float64)) ** 2
+    weights = labels_to_image_weights(labels, nc, class_weights)
+    if not np.any(weights > 0):
+        weights = np.ones(len(labels))
+    return (rng or random).choices(range(len(labels)), weights=weights.tolist(), k=len(labels))
+
 
 def _cache_mode(cache):
     """None/False -> None; True/'ram' -> 'ram'; 'disk' -> 'disk'."""
@@ -589,7 +681,8 @@ def distributed_context(rank: int):
 
 def create_dataloader(path, imgsz: int, batch_size: int, stride: int, single_cls: bool = False, hyp=None,
                       augment: bool = False, cache=None, pad: float = 0.0, rect: bool = False, rank: int = -1,
-                      workers: int = 8, prefix: str = "", shuffle: bool = False, seed: int = 0, nc: int | None = None):
+                      workers: int = 8, prefix: str = "", shuffle: bool = False, seed: int = 0, nc: int | None = None,
+                      image_weights: bool = False, quad: bool = False):
     """Build the dataset and its DataLoader.
 
     Args:
@@ -598,10 +691,17 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride: int, single_cls
         shuffle: shuffle each epoch (ignored with rect, whose batches depend on the sorted order).
         seed: base seed of the sampler and of the workers (plus the global rank).
         nc: number of classes; images whose labels use ids >= nc are skipped with a warning (None: no check).
+        image_weights: the caller redraws ``dataset.indices`` each epoch (image_weighted_indices); rect is turned
+            off (weighted draws cannot keep rect batches) and workers are started anew each epoch to see them.
+        quad: collate with collate_fn4 (B // 4 images of twice the size per batch).
     Returns:
         (loader, dataset). Batches are (imgs uint8 (B, 3, H, W), targets float32 (N, 6) [img_idx, cls, xc, yc, w, h],
-        paths tuple, shapes tuple). Workers are persistent, so set dataset attributes before the first epoch.
+        paths tuple, shapes tuple). Workers are persistent (unless image_weights), so set dataset attributes before
+        the first epoch.
     """
+    if image_weights and rect:
+        LOGGER.warning(f"{prefix}WARNING: --rect is ignored with --image-weights (weighted draws mix the rect batches)")
+        rect = False
     if rect and shuffle:
         LOGGER.warning(f"{prefix}WARNING: --rect is incompatible with shuffle; using shuffle=False")
         shuffle = False
@@ -615,9 +715,10 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride: int, single_cls
         sampler = DistributedSampler(dataset, num_replicas=world, rank=global_rank, shuffle=shuffle, seed=seed)
     generator = torch.Generator()
     generator.manual_seed(seed + global_rank)
+    collate = LoadImagesAndLabels.collate_fn4 if quad else LoadImagesAndLabels.collate_fn
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                        num_workers=nw, pin_memory=torch.cuda.is_available(), collate_fn=LoadImagesAndLabels.collate_fn,
-                        worker_init_fn=seed_worker, generator=generator, persistent_workers=nw > 0)
+                        num_workers=nw, pin_memory=torch.cuda.is_available(), collate_fn=collate,
+                        worker_init_fn=seed_worker, generator=generator, persistent_workers=nw > 0 and not image_weights)
     return loader, dataset
 
 

@@ -222,6 +222,9 @@ class Trainer:
         self.start_epoch, self.best_fitness = 0, 0.0
         self.bad_steps, self.last_opt_step = 0, -1  # consecutive non-finite batches; iteration of the last step
         self.best_saved_epoch = -1  # epoch whose EMA weights best.pt holds (-1: none saved by this process)
+        self.maps = np.zeros(self.nc)  # per-class mAP@.5:.95 of the last validation (--image-weights draws by it)
+        # --evolve trains many short runs into one folder: no checkpoints and no plots, as in YOLOv5 v6.0
+        self.evolving = bool(getattr(opt, "evolve", None))
         if self.ckpt is not None and opt.resume:
             self._restore(self.ckpt)
         self.ckpt = None  # free the memory of the start checkpoint
@@ -307,7 +310,8 @@ class Trainer:
             self.train_loader, self.dataset = create_dataloader(
                 self.data["train"], self.imgsz, self.batch_size, self.gs, opt.single_cls, hyp=self.hyp,
                 augment=True, cache=opt.cache or None, rect=opt.rect, rank=self.local_rank,
-                workers=opt.workers, prefix=colorstr("train: "), shuffle=not opt.rect, seed=opt.seed, nc=self.nc)
+                workers=opt.workers, prefix=colorstr("train: "), shuffle=not opt.rect, seed=opt.seed, nc=self.nc,
+                image_weights=getattr(opt, "image_weights", False), quad=getattr(opt, "quad", False))
         self.val_loader = None
         if self.main:
             self.val_loader = create_dataloader(
@@ -448,6 +452,10 @@ class Trainer:
         """One pass over the training data; returns the running mean of the task's loss items."""
         self.task.trainable.train()
         self.task.on_epoch_start(epoch, self.opt.epochs)
+        if getattr(self.opt, "image_weights", False):  # single process only (train.prepare_run checks)
+            from utils.datasets import image_weighted_indices
+
+            self.dataset.indices = image_weighted_indices(self.dataset.labels, self.nc, self.maps)
         if hasattr(self.train_loader.sampler, "set_epoch"):
             self.train_loader.sampler.set_epoch(epoch)
         names = self.task.loss_names
@@ -496,6 +504,9 @@ class Trainer:
             # The loss sums over this rank's images while DDP averages gradients over ranks: scale by the world
             # size so N processes take the same step as one process with the whole batch (as YOLOv5 does).
             loss = loss * self.world_size
+        if getattr(self.opt, "quad", False):
+            # the loss sums over the B // 4 collated images; x4 gives the step the scale of the B images it holds
+            loss = loss * 4
         self.scaler.scale(loss).backward()
         return items.detach()
 
@@ -533,7 +544,8 @@ class Trainer:
         final = epoch + 1 == self.opt.epochs or epoch - self.stopper.best_epoch + 1 >= self.stopper.patience
         results, maps = (0.0,) * 7, np.zeros(self.nc)
         if not self.opt.noval or final:
-            results, maps = self.validate(plots=final, verbose=final)
+            results, maps = self.validate(plots=final and not self.evolving, verbose=final)
+            self.maps = maps
         from utils.metrics import fitness
 
         fi = float(fitness(np.array(results).reshape(1, -1))[0])
@@ -542,7 +554,7 @@ class Trainer:
         values = {"train": mean_loss.tolist(), "metrics": list(results[:4]), "val": list(results[4:7]),
                   "lr": lrs}
         self._emit("on_fit_epoch_end", self, epoch, values, fi)
-        if not self.opt.nosave or final:
+        if (not self.opt.nosave or final) and not self.evolving:
             self.save(epoch, is_best=fi == self.best_fitness)
         return results, self.stopper(epoch=epoch, fitness=fi)
 

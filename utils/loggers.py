@@ -32,6 +32,13 @@ def _row_epoch(line: str) -> float:
         return float("inf")
 
 
+def results_row(trainer, epoch: int, values: dict) -> list:
+    """One epoch's results.csv values, in results_columns order (see RunLogger.on_fit_epoch_end for values)."""
+    train = list(values["train"])
+    return [epoch, *train[:3], *values["metrics"], *values["val"], *values["lr"], *train[3:],
+            int(bool(getattr(trainer, "amp", False)))]
+
+
 class RunLogger:
     """Writes results.csv (appending on resume), labels.jpg, train_batch*.jpg and results.png for a run."""
 
@@ -68,9 +75,7 @@ class RunLogger:
 
     def on_fit_epoch_end(self, trainer, epoch, values: dict, fitness: float) -> None:
         """values: {'train': [losses...], 'metrics': [P, R, mAP50, mAP], 'val': [3 losses], 'lr': [3 lrs]}."""
-        train = list(values["train"])
-        row = [epoch, *train[:3], *values["metrics"], *values["val"], *values["lr"], *train[3:],
-               int(bool(getattr(trainer, "amp", False)))]
+        row = results_row(trainer, epoch, values)
         columns = results_columns(trainer.task.loss_names)
         header = ""
         if self.csv.exists():  # a resumed run: keep the file's own columns (it may predate some of ours)
@@ -105,3 +110,37 @@ class RunLogger:
                 plot_results(file=self.csv)
             except Exception as e:
                 LOGGER.warning(f"WARNING: results plot failed: {e}")
+
+
+class TensorBoardLogger:
+    """Writes each epoch's results.csv values as TensorBoard scalars (tags = the column names) into the run folder.
+
+    Args:
+        save_dir: the run folder (event files land there).
+        writer_cls: torch.utils.tensorboard.SummaryWriter or anything with its add_scalar/close.
+    """
+
+    def __init__(self, save_dir, writer_cls):
+        self.writer = writer_cls(log_dir=str(save_dir))
+
+    def on_fit_epoch_end(self, trainer, epoch, values: dict, fitness: float) -> None:
+        columns = results_columns(trainer.task.loss_names)
+        for name, value in zip(columns[1:], results_row(trainer, epoch, values)[1:]):
+            self.writer.add_scalar(name, float(value), epoch)
+        self.writer.flush()
+
+    def on_train_end(self, trainer) -> None:
+        self.writer.close()
+
+
+def optional_loggers(save_dir) -> list:
+    """Callbacks of optional packages that are installed: TensorBoard event files when ``tensorboard`` is."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: without it, no event files and no message
+        return []
+    except Exception as e:  # an install that does not fit this torch: say so once, train on without it
+        LOGGER.info(f"TensorBoard: not used ({type(e).__name__}: {e})")
+        return []
+    LOGGER.info(f"TensorBoard: view this run with 'tensorboard --logdir {Path(save_dir).parent}'")
+    return [TensorBoardLogger(save_dir, SummaryWriter)]
