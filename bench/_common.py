@@ -4,6 +4,7 @@ Import it from a bench script after putting the repository root on sys.path (the
 """
 from __future__ import annotations
 
+import csv
 import os
 import platform
 import statistics
@@ -232,3 +233,23 @@ def peak_memory_mb(device: torch.device) -> float:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2 ** 20 if platform.system() == "Darwin" else rss / 2 ** 10  # bytes on macOS, KiB on Linux
+
+
+def read_rows(path: Path) -> list:
+    """The rows of a results CSV as dicts ([] when it does not exist yet)."""
+    if not Path(path).exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: Path, row: dict, fields) -> None:
+    """Append one finished cell to a results CSV (header first when the file is new), so a later call can skip it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)

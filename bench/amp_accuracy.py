@@ -12,7 +12,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from bench._common import table  # noqa: E402
+from bench._common import append_row, read_rows, table  # noqa: E402
 from utils.general import set_logging  # noqa: E402
 
 FIELDS = ("precision", "seed", "epochs", "map50", "map", "train_s")
@@ -38,13 +37,6 @@ def parse_opt(argv=None) -> argparse.Namespace:
     p.add_argument("--csv", default=str(ROOT / "bench/results/amp_accuracy.csv"))
     p.add_argument("--project", default=str(ROOT / "runs/bench_amp"))
     return p.parse_args(argv)
-
-
-def done_cells(path: Path) -> list:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def train_cell(opt, precision: str, seed: int) -> dict:
@@ -91,19 +83,14 @@ def report(rows: list, epochs: int) -> str:
 def main(opt) -> list:
     path = Path(opt.csv)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = done_cells(path)
+    rows = read_rows(path)
     have = {(r["precision"], int(r["seed"]), int(r["epochs"])) for r in rows}
     for seed in opt.seeds:
         for precision in PRECISIONS:
             if (precision, seed, opt.epochs) in have:
                 continue
             row = train_cell(opt, precision, seed)
-            new = not path.exists()
-            with open(path, "a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=FIELDS)
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
+            append_row(path, row, FIELDS)
             rows.append(row)
             print(f"done: {row}", flush=True)
     print(f"\n{Path(opt.cfg).stem}, {opt.imgsz} px, {opt.epochs} epochs, Adam, hyp.demo.yaml; best.pt scored by "

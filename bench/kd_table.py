@@ -21,7 +21,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from bench._common import table  # noqa: E402
+from bench._common import append_row, read_rows, table  # noqa: E402
 from utils.general import set_logging  # noqa: E402
 
 METHODS = {"baseline": None, "output": (), "output+at": ("at",), "output+cwd": ("cwd",), "output+pkd": ("pkd",),
@@ -74,20 +73,11 @@ def demo_opt(opt, feat_losses=(), seed=0):
 
 
 def read_cells(path: Path) -> list:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return read_rows(path)
 
 
 def append_cell(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    append_row(path, row, FIELDS)
 
 
 def cell_key(opt, method: str, seed: int) -> tuple:
