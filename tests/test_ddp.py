@@ -41,8 +41,11 @@ def assert_same_step(single: dict, ddp: dict) -> None:
         torch.testing.assert_close(ddp["grads"][name], g, rtol=1e-4, atol=1e-6 * scale, msg=f"gradient of {name}")
     nonzero = sum(bool(g.abs().sum() > 0) for g in single["grads"].values())
     assert nonzero > 0.9 * len(single["grads"])
+    # the step moves a weight by at most lr x its gradient (lr <= 0.1, the warm-up bias lr, at the first step), so
+    # weights may differ by 0.1 x the gradient tolerance: float sums of 4 + 4 images vs 8 round differently
+    weight_atol = max(1e-7, 0.1 * 1e-6 * scale)
     for name, p in single["params"].items():
-        torch.testing.assert_close(ddp["params"][name], p, rtol=1e-5, atol=1e-7, msg=f"updated weight {name}")
+        torch.testing.assert_close(ddp["params"][name], p, rtol=1e-5, atol=weight_atol, msg=f"updated weight {name}")
 
 
 def common_args(data, cfg, project, name) -> list:
