@@ -1,8 +1,9 @@
 """Distillation demo on the bundled synthetic dataset: teacher vs student vs student + KD.
 
-One command trains a teacher (reused when its run already exists), then the student alone and the student with
-distillation under identical settings and seed, prints the three models' mAPs and the share of the teacher-student
-gap that distillation closed, and writes a comparison plot of the two student runs:
+One command takes the teacher shipped in weights/ (or trains one when the data, model or image size differ from
+what it was trained on), trains the student alone and the student with distillation under identical settings and
+seed, prints the three models' mAPs and the share of the teacher-student gap that distillation closed, and writes a
+comparison plot of the two student runs:
 
     python demo.py                      # default recipe (see RECIPE below)
     python demo.py --seed 1             # another seed
@@ -33,8 +34,8 @@ from utils.general import LOGGER, colorstr, set_logging  # noqa: E402
 # beat every baseline run.
 RECIPE = dict(
     data="data/shapes.yaml", hyp="data/hyps/hyp.demo.yaml", optimizer="Adam", imgsz=128, batch_size=16,
-    teacher_cfg="models/yolov5s.yaml", student_cfg="models/yolov5n.yaml", teacher_epochs=30, student_epochs=30,
-    kd_loss="l2", alpha=1.0, beta=0.25, feat_loss=("at",),
+    teacher_cfg="models/yolov5s.yaml", student_cfg="models/yolov5n.yaml", teacher_epochs=300, student_epochs=60,
+    kd_loss="l2", alpha=0.1, beta=0.25, feat_loss=("at",),
 )
 
 
