@@ -174,8 +174,8 @@ def main(opt) -> str:
                     score_teacher(opt, args, teacher)
                 best, seconds = train_cell(opt, teacher, method, seed)
                 m50, m = demo.evaluate(args, best)
-                append_cell(opt.csv, dict(zip(FIELDS, (*key, f"{m50:.5f}", f"{m:.5f}", f"{seconds:.0f}",
-                                                      str(teacher or "")))))
+                used = "" if METHODS[method] is None else str(teacher)  # the baseline learns from no teacher
+                append_cell(opt.csv, dict(zip(FIELDS, (*key, f"{m50:.5f}", f"{m:.5f}", f"{seconds:.0f}", used))))
     cells = read_cells(opt.csv)
     teacher_row = [c for c in cells if c["method"] == "teacher"]
     teacher_scores = (float(teacher_row[-1]["map50"]), float(teacher_row[-1]["map"])) if teacher_row else None
