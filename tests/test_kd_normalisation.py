@@ -100,6 +100,23 @@ def test_feature_term_is_a_mean_over_pairs(name):
     assert repeated.item() == pytest.approx(single.item(), rel=1e-5)
 
 
+
+def test_distiller_does_not_compute_the_plain_mimic_loss_it_would_discard():
+    """mimic's size-free form comes from the maps alone, so the Distiller must not also run the plain MSE."""
+    g = torch.Generator().manual_seed(6)
+    s, t, adapted = torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 6, 6, 6, generator=g), torch.randn(
+        2, 6, 6, 6, generator=g)
+    distiller = Distiller(_pairs(1), KDConfig(feat_losses=("mimic",)))
+
+    def plain_mimic_called(*args, **kwargs):
+        raise AssertionError("plain mimic loss computed")
+
+    distiller.losses = [(name, plain_mimic_called) for name, _ in distiller.losses]
+    got = distiller.feature_loss([(s, adapted)], [t], torch.zeros(0, 6))
+    expected = ((adapted - t).square().mean((1, 2, 3)) / (t.square().mean((1, 2, 3)) +
+                                                          adapted.square().mean((1, 2, 3)))).mean()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
 def _level(bs, n, nc, g, background):
     """(bs, 3, n, n, 5 + nc) raw maps; cells outside the top-left 2x2 get objectness logit `background`."""
     x = torch.randn(bs, 3, n, n, 5 + nc, generator=g)

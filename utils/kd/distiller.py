@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from utils.kd.adapters import adapt, build_adapters
-from utils.kd.losses import FEATURE_LOSSES, NEEDS_ADAPTER, NEEDS_MASK, OUTPUT_KD_KINDS, gt_mask, size_free
+from utils.kd.losses import (FEATURE_LOSSES, NEEDS_ADAPTER, NEEDS_MASK, OUTPUT_KD_KINDS, SIZE_FREE_FROM_MAPS, gt_mask,
+                             size_free)
 from utils.kd.recorder import FeatureRecorder
 
 SCHEDULES = ("const", "cos")
@@ -132,6 +133,8 @@ class Distiller:
                     value = fn(student, t, masks[(h, w)])
                 elif name == "cwd":
                     value = fn(student, t, tau=self.cfg.cwd_tau)
+                elif name in SIZE_FREE_FROM_MAPS:
+                    value = None  # size_free computes this one from the maps; the plain loss would be thrown away
                 else:
                     value = fn(student, t)
                 total = total + size_free(name, value, t, student)

@@ -419,8 +419,10 @@ def size_free(name, value, t, s=None):
     - ft, likewise normalised over channels and averaged over them: times c, the squared distance per image.
     - mimic is an MSE of raw activations, whose scale is the networks' business: per image, divided by the mean
       square of the two feature maps together (a constant for the gradient), it becomes a relative error in [0, 2]
-      (0 when equal, 1 when one of them is zero), then averaged over images; ``value`` is recomputed per image. Dividing by the teacher's alone would explode for a teacher whose
-      features are near zero at a layer (a random-init teacher in eval mode shrinks them ~1000x per stage).
+      (0 when equal, 1 when one of them is zero), then averaged over images. It is computed from s and t alone
+      (``value`` is ignored and may be None; see SIZE_FREE_FROM_MAPS). Dividing by the teacher's energy alone would
+      explode for a teacher whose features are near zero at a layer (a random-init teacher in eval mode shrinks
+      them ~1000x per stage).
     - cwd (a KL per channel, summed over positions) and pkd (2 (1 - r) per channel, in [0, 4]) are left as they are.
 
     Args:
@@ -444,4 +446,5 @@ def size_free(name, value, t, s=None):
 FEATURE_LOSSES = MappingProxyType({"at": at_loss, "at_masked": at_masked, "ft": ft_loss, "cwd": cwd_loss,
                                    "mimic": mimic_loss, "pkd": pkd_loss})
 NEEDS_ADAPTER = frozenset({"ft", "cwd", "mimic", "pkd"})  # compare channels one to one: counts must match
+SIZE_FREE_FROM_MAPS = frozenset({"mimic"})  # size_free recomputes these per image: no need for the plain value
 NEEDS_MASK = frozenset({"at_masked"})  # called as fn(s, t, gt_mask(...)); the others as fn(s, t)
