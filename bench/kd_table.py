@@ -144,6 +144,19 @@ def summary(cells: list, teacher_scores) -> str:
     return teacher_line + table(header, rows)
 
 
+def other_weights(cells: list) -> str:
+    """Cells the main table leaves out (another alpha, beta or epoch count): mean per (method, epochs, alpha, beta)."""
+    groups = {}
+    for c in cells:
+        groups.setdefault((c["method"], c["epochs"], c["alpha"], c["beta"]), []).append(c)
+    rows = []
+    for (method, epochs, alpha, beta), group in sorted(groups.items()):
+        means = [statistics.mean(float(c[k]) for c in group) for k in ("map50", "map")]
+        rows.append((method, epochs, alpha or "-", beta or "-", ",".join(c["seed"] for c in group),
+                     f"{means[0]:.3f}", f"{means[1]:.3f}"))
+    return table(("method", "epochs", "alpha", "beta", "seeds", "mAP@.5", "mAP@.5:.95"), rows) if rows else ""
+
+
 def score_teacher(opt, args, teacher: Path) -> None:
     """Append the teacher's val scores to the CSV once per teacher file."""
     import demo
@@ -183,6 +196,9 @@ def main(opt) -> str:
     chosen = [c for c in cells if tuple(c[f] for f in FIELDS[:6]) in wanted]
     text = (f"student {Path(opt.cfg).stem}, {opt.imgsz} px, {opt.epochs} epochs, alpha {opt.alpha:g}, "
             f"beta {opt.beta:g} ({opt.csv.name})\n" + summary(chosen, teacher_scores))
+    others = other_weights([c for c in cells if c["method"] != "teacher" and c not in chosen])
+    if others:
+        text += "\ncells at other KD weights or schedules (not in the table above):\n" + others
     print(text)
     return text
 

@@ -95,3 +95,19 @@ def test_kd_table_skips_finished_cells(tmp_path, monkeypatch):
     text = kd_table.main(opt)
     # (0.3 - 0.2) / (0.5 - 0.2) = 33% at mAP@.5, (0.15 - 0.1) / (0.3 - 0.1) = 25% at mAP@.5:.95
     assert "baseline" in text and "33%" in text and "25%" in text
+
+
+def test_kd_table_lists_cells_at_other_weights_apart(tmp_path):
+    """A cell run at another beta must not mix into the main table's mean; it is listed on its own."""
+    kd_table = _kd_table()
+    opt = kd_table.parse_opt(["--methods", "baseline", "output+pkd", "--seeds", "0", "1", "--csv",
+                              str(tmp_path / "t.csv"), "--alpha", "0.1", "--beta", "0.25", "--table-only"])
+    keys = [kd_table.cell_key(opt, "output+pkd", 0), kd_table.cell_key(opt, "output+pkd", 1)]
+    other = (*keys[0][:5], "0.05")  # seed 0 again, at beta 0.05
+    for key, m50 in ((keys[0], "0.30"), (keys[1], "0.34"), (other, "0.50"), (other[:1] + ("1",) + other[2:], "0.70")):
+        kd_table.append_cell(opt.csv, {**dict.fromkeys(kd_table.FIELDS, ""), **dict(zip(kd_table.FIELDS[:6], key)),
+                                       "map50": m50, "map": "0.1"})
+    main, _, rest = kd_table.main(opt).partition("other KD weights")
+    assert f"0.320 +- {statistics.stdev([0.30, 0.34]):.3f}" in main and "0.600" not in main
+    row = next(line for line in rest.splitlines() if line.startswith("output+pkd"))
+    assert row.split()[3:] == ["0.05", "0,1", "0.600", "0.100"]
