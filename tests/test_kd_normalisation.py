@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from utils.kd.distiller import Distiller, KDConfig
-from utils.kd.losses import FEATURE_LOSSES, at_loss, ft_loss, mimic_loss, output_kd_terms, size_free
+from utils.kd.losses import (FEATURE_LOSSES, LOSS_WEIGHTS, at_loss, ft_loss, mimic_loss, output_kd_terms, pkd_loss,
+                             size_free)
 from utils.kd.pairing import LayerPair
 from utils.loss import scale_hyp_gains
 
@@ -95,7 +96,7 @@ def test_feature_term_is_a_mean_over_pairs(name):
     single = Distiller(_pairs(1), cfg).feature_loss([(s, adapted)], [t], targets)
     repeated = Distiller(_pairs(3), cfg).feature_loss([(s, adapted)] * 3, [t] * 3, targets)
     student = s if name == "at" else adapted
-    expected = size_free(name, FEATURE_LOSSES[name](student, t), t, student)
+    expected = LOSS_WEIGHTS[name] * size_free(name, FEATURE_LOSSES[name](student, t), t, student)
     assert single.item() == pytest.approx(expected.item(), rel=1e-5)
     assert repeated.item() == pytest.approx(single.item(), rel=1e-5)
 
@@ -115,7 +116,31 @@ def test_distiller_does_not_compute_the_plain_mimic_loss_it_would_discard():
     got = distiller.feature_loss([(s, adapted)], [t], torch.zeros(0, 6))
     expected = ((adapted - t).square().mean((1, 2, 3)) / (t.square().mean((1, 2, 3)) +
                                                           adapted.square().mean((1, 2, 3)))).mean()
-    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert got.item() == pytest.approx(LOSS_WEIGHTS["mimic"] * expected.item(), rel=1e-5)
+
+
+def test_each_feature_loss_enters_with_its_weight(monkeypatch):
+    """The feature term is the sum of weight x size-free loss; a weight of 1 gives the loss itself."""
+    import utils.kd.distiller as distiller_module
+
+    g = torch.Generator().manual_seed(7)
+    s, t, adapted = torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 6, 6, 6, generator=g), torch.randn(
+        2, 6, 6, 6, generator=g)
+    args = ([(s, adapted)], [t], torch.zeros(0, 6))
+    unit_at = ((at_map(s) - at_map(t)).square().sum(1)).mean()  # squared distance of the unit maps per image
+    weights = {**LOSS_WEIGHTS, "at": 0.5, "pkd": 0.3}
+    monkeypatch.setattr(distiller_module, "LOSS_WEIGHTS", weights)
+    got = Distiller(_pairs(1), KDConfig(feat_losses=("at", "pkd"))).feature_loss(*args)
+    assert got.item() == pytest.approx(0.5 * unit_at.item() + 0.3 * pkd_loss(adapted, t).item(), rel=1e-5)
+    monkeypatch.setattr(distiller_module, "LOSS_WEIGHTS", {**weights, "pkd": 1.0})
+    got = Distiller(_pairs(1), KDConfig(feat_losses=("pkd",))).feature_loss(*args)
+    assert got.item() == pytest.approx(pkd_loss(adapted, t).item(), rel=1e-5)
+
+
+def at_map(x):
+    """Attention map by hand: mean of squared channels, flattened and scaled to unit length per image."""
+    a = x.square().mean(1).flatten(1)
+    return a / a.norm(dim=1, keepdim=True)
 
 def _level(bs, n, nc, g, background):
     """(bs, 3, n, n, 5 + nc) raw maps; cells outside the top-left 2x2 get objectness logit `background`."""

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 from utils.kd.adapters import adapt, build_adapters
-from utils.kd.losses import (FEATURE_LOSSES, NEEDS_ADAPTER, NEEDS_MASK, OUTPUT_KD_KINDS, SIZE_FREE_FROM_MAPS, gt_mask,
-                             size_free)
+from utils.kd.losses import (FEATURE_LOSSES, LOSS_WEIGHTS, NEEDS_ADAPTER, NEEDS_MASK, OUTPUT_KD_KINDS,
+                             SIZE_FREE_FROM_MAPS, gt_mask, size_free)
 from utils.kd.recorder import FeatureRecorder
 
 SCHEDULES = ("const", "cos")
@@ -113,8 +113,9 @@ class Distiller:
         return [p.t_name for p in self.pairs]
 
     def feature_loss(self, s_feats, t_feats, targets: torch.Tensor) -> torch.Tensor:
-        """Each feature loss averaged over the layer pairs, in its size-free form (losses.size_free); summed over
-        the chosen losses. Adding or removing a layer pair therefore does not change the term's scale.
+        """Each feature loss averaged over the layer pairs, in its size-free form (losses.size_free), times its
+        weight (losses.LOSS_WEIGHTS); summed over the chosen losses. Adding or removing a layer pair therefore does
+        not change the term's scale.
 
         Args:
             s_feats: [(features (bs, c_s, h, w), adapted (bs, c_t, h, w))] from KDStudent.
@@ -137,7 +138,7 @@ class Distiller:
                     value = None  # size_free computes this one from the maps; the plain loss would be thrown away
                 else:
                     value = fn(student, t)
-                total = total + size_free(name, value, t, student)
+                total = total + LOSS_WEIGHTS[name] * size_free(name, value, t, student)
         return total / max(len(s_feats), 1)
 
     @staticmethod

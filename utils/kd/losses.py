@@ -446,5 +446,10 @@ def size_free(name, value, t, s=None):
 FEATURE_LOSSES = MappingProxyType({"at": at_loss, "at_masked": at_masked, "ft": ft_loss, "cwd": cwd_loss,
                                    "mimic": mimic_loss, "pkd": pkd_loss})
 NEEDS_ADAPTER = frozenset({"ft", "cwd", "mimic", "pkd"})  # compare channels one to one: counts must match
+# Each feature loss's weight inside the feature-KD term, so that one --beta suits every loss. Calibrated on the
+# bundled benchmark (bench/kd_table.py: yolov5s teacher, yolov5n student, 128 px, 60 epochs): at the beta that is
+# best for attention transfer, pkd and mimic (which compare every channel of the whole map) pulled the student below
+# output KD alone; at these fractions of it they did best among the betas tried (bench/README.md, "kd_table").
+LOSS_WEIGHTS = MappingProxyType({"at": 1.0, "at_masked": 1.0, "ft": 1.0, "cwd": 1.0, "pkd": 0.2, "mimic": 0.04})
 SIZE_FREE_FROM_MAPS = frozenset({"mimic"})  # size_free recomputes these per image: no need for the plain value
 NEEDS_MASK = frozenset({"at_masked"})  # called as fn(s, t, gt_mask(...)); the others as fn(s, t)
