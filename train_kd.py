@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="weight of output KD")
     g.add_argument("--beta", type=float, default=DEFAULT_BETA,
                    help="weight of feature KD (each feature loss is averaged over the layer pairs in a size-free "
-                        "form, see utils.kd.losses.size_free)")
+                        "form, utils.kd.losses.size_free, times its weight in utils.kd.losses.LOSS_WEIGHTS)")
     g.add_argument("--feat_loss", "--feat-loss", nargs="+", choices=[*FEATURE_LOSSES, "none"],
                    default=list(DEFAULT_FEAT_LOSS),
                    help="feature KD losses (one or more; 'none' for output KD only). Default: attention transfer, "
