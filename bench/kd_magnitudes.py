@@ -4,8 +4,9 @@ and at 640 px?
 For each teacher->student pair and image size it runs one DistillationTask step (no optimizer step) per feature
 loss on the same batch of real shapes val images, and prints each weighted term (output KD box/obj/cls at
 alpha 1 with the engine's scaled gains, each feature loss at beta 1 averaged over the layer pairs train_kd.py uses,
-in the size-free form training uses) divided by the detection loss (box + obj + cls) of that batch. A term whose
-ratio falls 10x between 128 and 640 px is one whose --beta chosen at one size does little at the other.
+in the size-free form and with the weight, utils.kd.losses.LOSS_WEIGHTS, that training uses) divided by the
+detection loss (box + obj + cls) of that batch. A term whose ratio falls 10x between 128 and 640 px is one whose
+--beta chosen at one size does little at the other.
 
 Usage:
     python bench/kd_magnitudes.py                                  # s->n and m->s, 128/320/640 px, random init

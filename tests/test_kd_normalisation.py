@@ -101,7 +101,6 @@ def test_feature_term_is_a_mean_over_pairs(name):
     assert repeated.item() == pytest.approx(single.item(), rel=1e-5)
 
 
-
 def test_distiller_does_not_compute_the_plain_mimic_loss_it_would_discard():
     """mimic's size-free form comes from the maps alone, so the Distiller must not also run the plain MSE."""
     g = torch.Generator().manual_seed(6)
@@ -121,6 +120,7 @@ def test_distiller_does_not_compute_the_plain_mimic_loss_it_would_discard():
 
 def test_each_feature_loss_enters_with_its_weight(monkeypatch):
     """The feature term is the sum of weight x size-free loss; a weight of 1 gives the loss itself."""
+    assert set(LOSS_WEIGHTS) == set(FEATURE_LOSSES), "every feature loss needs a weight (the Distiller looks it up)"
     import utils.kd.distiller as distiller_module
 
     g = torch.Generator().manual_seed(7)
@@ -141,6 +141,7 @@ def at_map(x):
     """Attention map by hand: mean of squared channels, flattened and scaled to unit length per image."""
     a = x.square().mean(1).flatten(1)
     return a / a.norm(dim=1, keepdim=True)
+
 
 def _level(bs, n, nc, g, background):
     """(bs, 3, n, n, 5 + nc) raw maps; cells outside the top-left 2x2 get objectness logit `background`."""
