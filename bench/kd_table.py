@@ -4,12 +4,15 @@ Trains (or reuses) a teacher, then the student alone ("baseline") and with each 
 and seeds, scores every best.pt with the same float32 val.py run, and prints mean +- sd of mAP@.5 and mAP@.5:.95
 per method with the share of the teacher-student gap each method closes.
 
-Methods: baseline (no teacher), output (output KD only), output+at, output+cwd, output+pkd, output+mimic; every KD
-method uses the same --alpha/--beta (train_kd.py's defaults unless given), so the table also shows whether one pair
-of weights suits every feature loss after the losses' size normalisation.
+Methods: baseline (no teacher), output (output KD only), output+at, output+cwd, output+pkd, output+mimic and
+output+at+cwd (both feature losses summed under one --beta); every KD method uses the same --alpha/--beta
+(train_kd.py's defaults unless given), so the table also shows whether one pair of weights suits every feature
+loss after the losses' size normalisation.
 
 Resumable: each finished cell (method, seed) is appended to --csv as soon as it is scored, and a later call skips
-it; a cell interrupted mid-training resumes from its last.pt. Cells run seed by seed (every method of seed 0 first),
+it; a cell interrupted mid-training resumes from its last.pt. Each run folder records the recipe it was trained
+for (kd_cell.json: method, seed, size, epochs, weights, teacher, per-loss weights); a folder recorded for another
+recipe stops the call instead of being reused. Cells run seed by seed (every method of seed 0 first),
 so a partial table already compares all methods.
 
 Usage:
@@ -21,6 +24,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -31,10 +35,10 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 from bench._common import append_row, read_rows, table  # noqa: E402
-from utils.general import set_logging  # noqa: E402
+from utils.general import LOGGER, set_logging  # noqa: E402
 
 METHODS = {"baseline": None, "output": (), "output+at": ("at",), "output+cwd": ("cwd",), "output+pkd": ("pkd",),
-           "output+mimic": ("mimic",)}  # method -> feature losses (None: no teacher at all)
+           "output+mimic": ("mimic",), "output+at+cwd": ("at", "cwd")}  # method -> feature losses (None: no teacher at all)
 FIELDS = ("method", "seed", "imgsz", "epochs", "alpha", "beta", "map50", "map", "train_s", "teacher")
 
 
@@ -91,6 +95,37 @@ def cell_name(opt, method: str, seed: int) -> str:
     return f"{method.replace('+', '_')}_s{seed}_{opt.imgsz}px_e{opt.epochs}{weights}"
 
 
+def cell_recipe(opt, method: str, seed: int, teacher) -> dict:
+    """Everything a cell's training depends on beyond the code: stored in its run folder as RECIPE_FILE, so that a
+    later call resumes or reuses a folder only when it was trained for this very cell (the folder name alone does
+    not say which per-loss weights or teacher it had)."""
+    from utils.kd.losses import LOSS_WEIGHTS
+
+    feats = METHODS[method]
+    kd = feats is not None
+    return dict(method=method, seed=seed, imgsz=opt.imgsz, epochs=opt.epochs, student=Path(opt.cfg).name,
+                alpha=opt.alpha if kd else None, beta=opt.beta if kd and feats else None,
+                teacher=str(Path(teacher).resolve()) if kd else None, loss_weights={f: LOSS_WEIGHTS[f] for f in feats or ()})
+
+
+RECIPE_FILE = "kd_cell.json"
+
+
+def check_recipe(run: Path, recipe: dict) -> None:
+    """Refuse a run folder recorded for another recipe; warn about one from before the record existed."""
+    record = run / RECIPE_FILE
+    if record.exists():
+        old = json.loads(record.read_text())
+        if old != recipe:
+            diff = ", ".join(f"{k}: {old.get(k)!r} there, {v!r} here" for k, v in recipe.items() if old.get(k) != v)
+            raise SystemExit(f"{run} was trained for another recipe ({diff}); move or delete it to train this cell")
+    elif run.exists() and any(run.iterdir()):
+        LOGGER.warning(f"{run} has no {RECIPE_FILE} (made before kd_table recorded recipes); reusing it by its name")
+    else:
+        run.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(recipe, indent=1) + "\n")
+
+
 def train_cell(opt, teacher: Path, method: str, seed: int) -> tuple[Path, float]:
     """Train one cell (resuming its own last.pt when an earlier call was interrupted); returns (best.pt, seconds)."""
     import demo
@@ -98,6 +133,7 @@ def train_cell(opt, teacher: Path, method: str, seed: int) -> tuple[Path, float]
 
     name = cell_name(opt, method, seed)
     run = Path(opt.project) / name
+    check_recipe(run, cell_recipe(opt, method, seed, teacher))
     best, last = run / "weights" / "best.pt", run / "weights" / "last.pt"
     start = time.perf_counter()
     if _epochs_done(run) >= opt.epochs and best.exists():

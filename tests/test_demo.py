@@ -111,3 +111,29 @@ def test_kd_table_lists_cells_at_other_weights_apart(tmp_path):
     assert f"0.320 +- {statistics.stdev([0.30, 0.34]):.3f}" in main and "0.600" not in main
     row = next(line for line in rest.splitlines() if line.startswith("output+pkd"))
     assert row.split()[3:] == ["0.05", "0,1", "0.600", "0.100"]
+
+
+def test_kd_table_refuses_a_run_folder_of_another_recipe(tmp_path, monkeypatch):
+    """A folder named for a cell but trained with another per-loss weight must not be taken as that cell."""
+    kd_table = _kd_table()
+    opt = kd_table.parse_opt(["--methods", "output+pkd", "--seeds", "0", "--csv", str(tmp_path / "t.csv"),
+                              "--project", str(tmp_path / "runs"), "--alpha", "0.1", "--beta", "0.25"])
+    trained = []
+    monkeypatch.setattr("demo.train_student", lambda *a, **k: trained.append(a[1]))
+    teacher = tmp_path / "teacher.pt"
+    kd_table.train_cell(opt, teacher, "output+pkd", 0)
+    run = tmp_path / "runs" / kd_table.cell_name(opt, "output+pkd", 0)
+    assert trained == [run.name] and (run / kd_table.RECIPE_FILE).exists()
+
+    kd_table.train_cell(opt, teacher, "output+pkd", 0)  # same recipe: the folder is its own, training goes on
+    assert len(trained) == 2
+    from utils.kd import losses
+
+    weights = dict(losses.LOSS_WEIGHTS)
+    monkeypatch.setattr(losses, "LOSS_WEIGHTS", {**weights, "pkd": weights["pkd"] * 5})
+    with pytest.raises(SystemExit, match="loss_weights"):
+        kd_table.train_cell(opt, teacher, "output+pkd", 0)
+    monkeypatch.setattr(losses, "LOSS_WEIGHTS", weights)
+    with pytest.raises(SystemExit, match="teacher"):
+        kd_table.train_cell(opt, tmp_path / "other.pt", "output+pkd", 0)
+    assert len(trained) == 2
