@@ -120,11 +120,13 @@ def find_teacher(opt) -> Path:
     return train_teacher(opt)[0]
 
 
-def train_student(opt, name: str, teacher: Path | None):
+def train_student(opt, name: str, teacher: Path | None, overrides: dict | None = None):
+    """Train a student (with KD when a teacher is given); overrides: train_kd.py settings applied last."""
     args = train.parse_opt([], train_kd.build_parser())
     kd = dict(kd=teacher is not None, teacher_weight=str(teacher or ""), kd_loss_selected=opt.kd_loss_selected,
               alpha=opt.alpha, beta=opt.beta, feat_loss=opt.feat_loss)
-    for k, v in {**common_args(opt, opt.student_epochs), "cfg": opt.student_cfg, "name": name, **kd}.items():
+    settings = {**common_args(opt, opt.student_epochs), "cfg": opt.student_cfg, "name": name, **kd, **(overrides or {})}
+    for k, v in settings.items():
         setattr(args, k, v)
     run_opt, results = train_kd.main(args)
     return Path(run_opt.save_dir), results

@@ -24,7 +24,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import re
+import shlex
 import statistics
 import sys
 import time
@@ -39,7 +42,8 @@ from utils.general import LOGGER, set_logging  # noqa: E402
 
 METHODS = {"baseline": None, "output": (), "output+at": ("at",), "output+cwd": ("cwd",), "output+pkd": ("pkd",),
            "output+mimic": ("mimic",), "output+at+cwd": ("at", "cwd")}  # method -> feature losses (None: no teacher at all)
-FIELDS = ("method", "seed", "imgsz", "epochs", "alpha", "beta", "map50", "map", "train_s", "teacher")
+FIELDS = ("method", "seed", "imgsz", "epochs", "alpha", "beta", "train_args", "map50", "map", "train_s", "teacher")
+KEY = FIELDS[:7]  # what makes a cell; the rest is its result
 
 
 def parse_opt(argv=None) -> argparse.Namespace:
@@ -55,6 +59,8 @@ def parse_opt(argv=None) -> argparse.Namespace:
     p.add_argument("--cfg", default="models/yolov5n.yaml", help="student model")
     p.add_argument("--alpha", type=float, default=defaults.alpha)
     p.add_argument("--beta", type=float, default=defaults.beta)
+    p.add_argument("--train-args", default="", help="extra train_kd.py flags for every KD cell (quoted), e.g. "
+                   "\"--kd_loss_selected bce\"; part of each cell's key, so such cells are listed apart")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--csv", default="", help="default: bench/results/kd_table_<imgsz>.csv")
     p.add_argument("--project", default=str(ROOT / "runs/kd_table"))
@@ -77,21 +83,64 @@ def demo_opt(opt, feat_losses=(), seed=0):
 
 
 def read_cells(path: Path) -> list:
-    return read_rows(path)
+    """The CSV's rows, with every field of FIELDS (a CSV written before a field existed has it blank)."""
+    return [{f: row.get(f) or "" for f in FIELDS} for row in read_rows(path)]
 
 
 def append_cell(path: Path, row: dict) -> None:
+    """Append a row; a CSV with an older header is first rewritten under FIELDS, its rows kept."""
+    path = Path(path)
+    if path.exists():
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if tuple(header) != FIELDS:
+            rows = read_cells(path)
+            tmp = path.with_suffix(".tmp")
+            tmp.unlink(missing_ok=True)
+            for old in rows:
+                append_row(tmp, old, FIELDS)
+            tmp.replace(path)
     append_row(path, row, FIELDS)
 
 
 def cell_key(opt, method: str, seed: int) -> tuple:
-    """(method, seed, imgsz, epochs, alpha, beta) as the CSV stores them; the baseline has no KD weights."""
-    weights = ("", "") if METHODS[method] is None else (f"{opt.alpha:g}", f"{opt.beta:g}")
+    """(method, seed, imgsz, epochs, alpha, beta, train_args) as the CSV stores them; the baseline has no KD
+    weights or KD flags."""
+    weights = ("", "", "") if METHODS[method] is None else (f"{opt.alpha:g}", f"{opt.beta:g}", _flags(opt))
     return (method, str(seed), str(opt.imgsz), str(opt.epochs), *weights)
+
+
+# flags the table sets per cell itself: --train-args may not change them
+OWN_FLAGS = ("kd", "teacher_weight", "alpha", "beta", "feat_loss", "seed", "imgsz", "epochs", "cfg", "weights",
+             "project", "name", "resume")
+
+
+def _flags(opt) -> str:
+    """--train-args in one normal form (the CSV key and the run folder name depend on it)."""
+    return " ".join(shlex.split(opt.train_args))
+
+
+def train_overrides(opt) -> dict:
+    """train_kd.py settings that --train-args changes from their defaults (refusing the ones the table sets)."""
+    import train
+
+    import train_kd
+
+    parser = train_kd.build_parser()
+    defaults = vars(train.parse_opt([], parser))
+    given = vars(train.parse_opt(shlex.split(opt.train_args), parser))
+    changed = {k: v for k, v in given.items() if v != defaults[k]}
+    clash = sorted(set(changed) & set(OWN_FLAGS))
+    if clash:
+        raise SystemExit(f"--train-args may not set {', '.join(clash)}: kd_table sets them per cell (use its own "
+                         f"--alpha, --beta, --methods, --seeds, --imgsz, --epochs, --cfg, --teacher)")
+    return changed
 
 
 def cell_name(opt, method: str, seed: int) -> str:
     weights = "" if METHODS[method] is None else f"_a{opt.alpha:g}_b{opt.beta:g}"
+    if METHODS[method] is not None and _flags(opt):
+        weights += "_" + re.sub(r"[^A-Za-z0-9.]+", "-", _flags(opt)).strip("-")
     return f"{method.replace('+', '_')}_s{seed}_{opt.imgsz}px_e{opt.epochs}{weights}"
 
 
@@ -105,7 +154,8 @@ def cell_recipe(opt, method: str, seed: int, teacher) -> dict:
     kd = feats is not None
     return dict(method=method, seed=seed, imgsz=opt.imgsz, epochs=opt.epochs, student=Path(opt.cfg).name,
                 alpha=opt.alpha if kd else None, beta=opt.beta if kd and feats else None,
-                teacher=str(Path(teacher).resolve()) if kd else None, loss_weights={f: LOSS_WEIGHTS[f] for f in feats or ()})
+                teacher=str(Path(teacher).resolve()) if kd else None, train_args=_flags(opt) if kd else "",
+                loss_weights={f: LOSS_WEIGHTS[f] for f in feats or ()})
 
 
 RECIPE_FILE = "kd_cell.json"
@@ -144,7 +194,9 @@ def train_cell(opt, teacher: Path, method: str, seed: int) -> tuple[Path, float]
         train_kd.main(args)
     else:
         feats = METHODS[method]
-        demo.train_student(demo_opt(opt, feats or (), seed), name, None if feats is None else teacher)
+        kd = feats is not None
+        demo.train_student(demo_opt(opt, feats or (), seed), name, teacher if kd else None,
+                           overrides=train_overrides(opt) if kd else None)
     return best, time.perf_counter() - start
 
 
@@ -181,16 +233,18 @@ def summary(cells: list, teacher_scores) -> str:
 
 
 def other_weights(cells: list) -> str:
-    """Cells the main table leaves out (another alpha, beta or epoch count): mean per (method, epochs, alpha, beta)."""
+    """Cells the main table leaves out (another alpha, beta, epoch count or --train-args): mean per (method, epochs,
+    alpha, beta, train args)."""
     groups = {}
     for c in cells:
-        groups.setdefault((c["method"], c["epochs"], c["alpha"], c["beta"]), []).append(c)
+        groups.setdefault((c["method"], c["epochs"], c["alpha"], c["beta"], c.get("train_args") or ""), []).append(c)
     rows = []
-    for (method, epochs, alpha, beta), group in sorted(groups.items()):
+    for (method, epochs, alpha, beta, flags), group in sorted(groups.items()):
         means = [statistics.mean(float(c[k]) for c in group) for k in ("map50", "map")]
         rows.append((method, epochs, alpha or "-", beta or "-", ",".join(c["seed"] for c in group),
-                     f"{means[0]:.3f}", f"{means[1]:.3f}"))
-    return table(("method", "epochs", "alpha", "beta", "seeds", "mAP@.5", "mAP@.5:.95"), rows) if rows else ""
+                     f"{means[0]:.3f}", f"{means[1]:.3f}", flags or "-"))
+    header = ("method", "epochs", "alpha", "beta", "seeds", "mAP@.5", "mAP@.5:.95", "train args")
+    return table(header, rows) if rows else ""
 
 
 def score_teacher(opt, args, teacher: Path) -> None:
@@ -201,7 +255,7 @@ def score_teacher(opt, args, teacher: Path) -> None:
         return
     m50, m = demo.evaluate(args, teacher)
     append_cell(opt.csv, dict(method="teacher", seed="", imgsz=opt.imgsz, epochs="", alpha="", beta="",
-                              map50=f"{m50:.5f}", map=f"{m:.5f}", train_s="", teacher=str(teacher)))
+                              train_args="", map50=f"{m50:.5f}", map=f"{m:.5f}", train_s="", teacher=str(teacher)))
 
 
 def main(opt) -> str:
@@ -216,7 +270,7 @@ def main(opt) -> str:
         for seed in opt.seeds:
             for method in opt.methods:
                 key = cell_key(opt, method, seed)
-                if key in {tuple(c[f] for f in FIELDS[:6]) for c in read_cells(opt.csv)}:
+                if key in {tuple(c[f] for f in KEY) for c in read_cells(opt.csv)}:
                     continue
                 if teacher is None and METHODS[method] is not None:
                     teacher = Path(opt.teacher) if opt.teacher else demo.find_teacher(args)
@@ -229,9 +283,10 @@ def main(opt) -> str:
     teacher_row = [c for c in cells if c["method"] == "teacher"]
     teacher_scores = (float(teacher_row[-1]["map50"]), float(teacher_row[-1]["map"])) if teacher_row else None
     wanted = {cell_key(opt, m, s) for m in METHODS for s in {c["seed"] for c in cells}}
-    chosen = [c for c in cells if tuple(c[f] for f in FIELDS[:6]) in wanted]
+    chosen = [c for c in cells if tuple(c[f] for f in KEY) in wanted]
+    flags = f", train args '{_flags(opt)}'" if _flags(opt) else ""
     text = (f"student {Path(opt.cfg).stem}, {opt.imgsz} px, {opt.epochs} epochs, alpha {opt.alpha:g}, "
-            f"beta {opt.beta:g} ({opt.csv.name})\n" + summary(chosen, teacher_scores))
+            f"beta {opt.beta:g}{flags} ({opt.csv.name})\n" + summary(chosen, teacher_scores))
     others = other_weights([c for c in cells if c["method"] != "teacher" and c not in chosen])
     if others:
         text += "\ncells at other KD weights or schedules (not in the table above):\n" + others

@@ -82,10 +82,10 @@ def test_kd_table_skips_finished_cells(tmp_path, monkeypatch):
     kd_table = _kd_table()
     opt = kd_table.parse_opt(["--methods", "baseline", "output", "--seeds", "0", "--csv", str(tmp_path / "t.csv"),
                               "--alpha", "1", "--beta", "0.25"])
-    assert kd_table.cell_key(opt, "baseline", 0)[4:] == ("", ""), "the baseline does not depend on KD weights"
+    assert kd_table.cell_key(opt, "baseline", 0)[4:] == ("", "", ""), "the baseline does not depend on KD settings"
     for row in ({"method": "teacher", "map50": "0.5", "map": "0.3", "teacher": "t.pt"},
-                dict(zip(kd_table.FIELDS[:6], kd_table.cell_key(opt, "baseline", 0)), map50="0.2", map="0.1"),
-                dict(zip(kd_table.FIELDS[:6], kd_table.cell_key(opt, "output", 0)), map50="0.3", map="0.15")):
+                dict(zip(kd_table.KEY, kd_table.cell_key(opt, "baseline", 0)), map50="0.2", map="0.1"),
+                dict(zip(kd_table.KEY, kd_table.cell_key(opt, "output", 0)), map50="0.3", map="0.15")):
         kd_table.append_cell(opt.csv, {f: row.get(f, "") for f in kd_table.FIELDS})
 
     def no_training(*args, **kwargs):
@@ -103,14 +103,14 @@ def test_kd_table_lists_cells_at_other_weights_apart(tmp_path):
     opt = kd_table.parse_opt(["--methods", "baseline", "output+pkd", "--seeds", "0", "1", "--csv",
                               str(tmp_path / "t.csv"), "--alpha", "0.1", "--beta", "0.25", "--table-only"])
     keys = [kd_table.cell_key(opt, "output+pkd", 0), kd_table.cell_key(opt, "output+pkd", 1)]
-    other = (*keys[0][:5], "0.05")  # seed 0 again, at beta 0.05
+    other = (*keys[0][:5], "0.05", "")  # seed 0 again, at beta 0.05
     for key, m50 in ((keys[0], "0.30"), (keys[1], "0.34"), (other, "0.50"), (other[:1] + ("1",) + other[2:], "0.70")):
-        kd_table.append_cell(opt.csv, {**dict.fromkeys(kd_table.FIELDS, ""), **dict(zip(kd_table.FIELDS[:6], key)),
+        kd_table.append_cell(opt.csv, {**dict.fromkeys(kd_table.FIELDS, ""), **dict(zip(kd_table.KEY, key)),
                                        "map50": m50, "map": "0.1"})
     main, _, rest = kd_table.main(opt).partition("other KD weights")
     assert f"0.320 +- {statistics.stdev([0.30, 0.34]):.3f}" in main and "0.600" not in main
     row = next(line for line in rest.splitlines() if line.startswith("output+pkd"))
-    assert row.split()[3:] == ["0.05", "0,1", "0.600", "0.100"]
+    assert row.split()[3:] == ["0.05", "0,1", "0.600", "0.100", "-"]
 
 
 def test_kd_table_refuses_a_run_folder_of_another_recipe(tmp_path, monkeypatch):
@@ -137,3 +137,40 @@ def test_kd_table_refuses_a_run_folder_of_another_recipe(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="teacher"):
         kd_table.train_cell(opt, tmp_path / "other.pt", "output+pkd", 0)
     assert len(trained) == 2
+
+
+def test_kd_table_train_args_make_their_own_cells(tmp_path, monkeypatch):
+    """--train-args reach train_kd.py, key their cells apart from the plain ones, and may not override the table."""
+    kd_table = _kd_table()
+    argv = ["--methods", "baseline", "output+at", "--seeds", "0", "--csv", str(tmp_path / "t.csv"),
+            "--project", str(tmp_path / "runs")]
+    opt = kd_table.parse_opt(argv + ["--train-args", "--kd_loss_selected  bce --kd_schedule cos"])
+    plain = kd_table.parse_opt(argv)
+    assert kd_table.cell_key(opt, "output+at", 0) != kd_table.cell_key(plain, "output+at", 0)
+    assert kd_table.cell_key(opt, "output+at", 0)[-1] == "--kd_loss_selected bce --kd_schedule cos"
+    assert kd_table.cell_key(opt, "baseline", 0) == kd_table.cell_key(plain, "baseline", 0)
+    assert kd_table.cell_name(opt, "output+at", 0) != kd_table.cell_name(plain, "output+at", 0)
+    calls = {}
+    monkeypatch.setattr("demo.train_student", lambda opt_, name, teacher, overrides=None: calls.update({name: overrides}))
+    kd_table.train_cell(opt, tmp_path / "t.pt", "output+at", 0)
+    kd_table.train_cell(opt, tmp_path / "t.pt", "baseline", 0)
+    assert calls[kd_table.cell_name(opt, "output+at", 0)] == {"kd_loss_selected": "bce", "kd_schedule": "cos"}
+    assert calls[kd_table.cell_name(opt, "baseline", 0)] is None
+    with pytest.raises(SystemExit, match="beta"):
+        kd_table.train_overrides(kd_table.parse_opt(argv + ["--train-args", "--beta 2"]))
+
+
+def test_kd_table_reads_and_extends_a_csv_from_before_train_args(tmp_path):
+    kd_table = _kd_table()
+    path = tmp_path / "old.csv"
+    path.write_text("method,seed,imgsz,epochs,alpha,beta,map50,map,train_s,teacher\n"
+                    "baseline,0,128,60,,,0.24516,0.16396,1306,\n"
+                    "output+at,0,128,60,0.1,0.25,0.48977,0.28670,700,t.pt\n")
+    assert [c["train_args"] for c in kd_table.read_cells(path)] == ["", ""]
+    kd_table.append_cell(path, dict(zip(kd_table.FIELDS, ("output+at", "1", "128", "60", "0.1", "0.25", "--x 1",
+                                                          "0.5", "0.3", "600", "t.pt"))))
+    lines = path.read_text().splitlines()
+    assert lines[0] == ",".join(kd_table.FIELDS)
+    cells = kd_table.read_cells(path)
+    assert [(c["method"], c["seed"], c["map50"], c["train_args"]) for c in cells] == [
+        ("baseline", "0", "0.24516", ""), ("output+at", "0", "0.48977", ""), ("output+at", "1", "0.5", "--x 1")]
