@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kd_layers", "--kd-layers", nargs="+", default=None,
                    help="student layers to distil (names like model.17 or indices); default: automatic")
     g.add_argument("--teacher_kd_layers", "--teacher-kd-layers", nargs="+", default=None,
-                   help="teacher layers paired with --kd_layers; default: automatic")
+                   help="teacher layers paired with --kd_layers; default: automatic (with --kd_layers "
+                        "alone, each student layer's automatic partner)")
     g.add_argument("--kd_schedule", "--kd-schedule", choices=["const", "cos"], default="const",
                    help="KD weight schedule: constant, or cosine decay to 1%% by the last epoch")
     g.add_argument("--kd_stop_epoch", "--kd-stop-epoch", type=int, default=-1,

@@ -142,3 +142,18 @@ def test_p7_default_probe_covers_stride_128():
     names = kd_layer_names(Model(cfg))
     assert names == {"backbone": ["model.2", "model.4", "model.6", "model.8", "model.10", "model.13"],
                      "neck": ["model.29", "model.32", "model.35", "model.38", "model.41"]}
+
+
+def test_names_on_one_side_take_their_automatic_partners(models):
+    """--kd_layers alone (student names) pairs each with the teacher layer automatic pairing would give it; a
+    teacher with attention rows has other indices, so the partner is not simply the same name."""
+    teacher = _attention_cfg_or_skip("yolov5m-SE.yaml")
+    detect_from = [f"model.{i}" for i in teacher.yaml["head"][-1][0]]
+    assert detect_from != ["model.17", "model.20", "model.23"], "the SE teacher's neck indices shift"
+    pairs = pair_layers(models["s"], teacher, s_names=["model.23", "model.17"])
+    assert [(p.s_name, p.t_name, p.stride) for p in pairs] == [("model.23", detect_from[2], 32),
+                                                               ("model.17", detect_from[0], 8)]
+    pairs = pair_layers(models["s"], teacher, t_names=[detect_from[1]])
+    assert [(p.s_name, p.t_name) for p in pairs] == [("model.20", detect_from[1])]
+    with pytest.raises(ValueError, match="no automatic teacher partner.*give the teacher layers explicitly"):
+        pair_layers(models["s"], teacher, s_names=["model.3"])

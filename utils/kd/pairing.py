@@ -141,12 +141,23 @@ def _auto_names(student, teacher, groups, imgsz):
     return s_names, t_names
 
 
+def _counterparts(names, auto_given, auto_other, given_side, other_side) -> list:
+    """The other side's automatic partner of each given layer name (explicit names on one side only)."""
+    partner = dict(zip(auto_given, auto_other))
+    missing = [n for n in names if n not in partner]
+    if missing:
+        raise ValueError(f"{given_side} layers {missing} have no automatic {other_side} partner (automatic "
+                         f"{given_side} layers: {list(auto_given)}); give the {other_side} layers explicitly")
+    return [partner[n] for n in names]
+
+
 def pair_layers(student: nn.Module, teacher: nn.Module, s_names=None, t_names=None, imgsz: int | None = None,
                 groups=GROUPS) -> list:
     """Pair student and teacher layers for feature distillation.
 
     Automatic pairing (a side whose names are None): backbone layers by stride, then neck layers by detection
-    level. Explicit name lists override either side and must match the other side's length.
+    level. Explicit name lists override either side and must match the other side's length; with names on one side
+    only, the other side takes each name's automatic partner.
 
     Args:
         student, teacher: models.yolo.Model instances (DP/DDP unwrapped); only probed, never changed.
@@ -167,8 +178,12 @@ def pair_layers(student: nn.Module, teacher: nn.Module, s_names=None, t_names=No
     imgsz = imgsz or default_probe_size(student, teacher)
     if s_names is None or t_names is None:
         auto_s, auto_t = _auto_names(_check_model(student), _check_model(teacher), groups, imgsz)
-        s_names = auto_s if s_names is None else list(s_names)
-        t_names = auto_t if t_names is None else list(t_names)
+        if s_names is None and t_names is None:
+            s_names, t_names = auto_s, auto_t
+        elif t_names is None:
+            s_names, t_names = list(s_names), _counterparts(s_names, auto_s, auto_t, "student", "teacher")
+        else:
+            t_names, s_names = list(t_names), _counterparts(t_names, auto_t, auto_s, "teacher", "student")
     if len(s_names) != len(t_names):
         raise ValueError(f"{len(s_names)} student layers {list(s_names)} vs {len(t_names)} teacher layers "
                          f"{list(t_names)}; give both sides the same number of layers")
