@@ -18,6 +18,7 @@ so a partial table already compares all methods.
 Usage:
     python bench/kd_table.py                               # 128 px, 60 epochs, seeds 0 1 2, all methods
     python bench/kd_table.py --imgsz 256 --methods baseline output+at output+pkd --csv bench/results/kd_table_256.csv
+    python bench/kd_table.py --methods output+at --seeds 0 --train-args "--kd_schedule cos"   # a variant, kept apart
     python bench/kd_table.py --table-only                  # print the table of the cells done so far
     python bench/kd_table.py --epochs 1 --seeds 0 --csv /tmp/t.csv --project /tmp/kdt    # smoke run
 """
@@ -60,7 +61,8 @@ def parse_opt(argv=None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=defaults.alpha)
     p.add_argument("--beta", type=float, default=defaults.beta)
     p.add_argument("--train-args", default="", help="extra train_kd.py flags for every KD cell (quoted), e.g. "
-                   "\"--kd_loss_selected bce\"; part of each cell's key, so such cells are listed apart")
+                   "\"--kd_loss_selected bce\" (a single flag: --train-args=--rect); part of each cell's key, so such "
+                   "cells are listed apart")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--csv", default="", help="default: bench/results/kd_table_<imgsz>.csv")
     p.add_argument("--project", default=str(ROOT / "runs/kd_table"))
