@@ -213,13 +213,14 @@ def median(values) -> float:
     return float(statistics.median(values))
 
 
-def table(header, rows) -> str:
-    """A plain-text table: columns right-aligned (the first left-aligned) to the widest cell."""
+def table(header, rows, left=(0,)) -> str:
+    """A plain-text table: columns right-aligned (those in ``left`` left-aligned) to the widest cell."""
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = []
     for k, row in enumerate(cells):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        lines.append("  ".join(c.ljust(w) if i in left else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))).rstrip())
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -246,7 +246,7 @@ def other_weights(cells: list) -> str:
         rows.append((method, epochs, alpha or "-", beta or "-", ",".join(c["seed"] for c in group),
                      f"{means[0]:.3f}", f"{means[1]:.3f}", flags or "-"))
     header = ("method", "epochs", "alpha", "beta", "seeds", "mAP@.5", "mAP@.5:.95", "train args")
-    return table(header, rows) if rows else ""
+    return table(header, rows, left=(0, len(header) - 1)) if rows else ""
 
 
 def score_teacher(opt, args, teacher: Path) -> None:
