@@ -11,8 +11,8 @@ loss after the losses' size normalisation.
 
 Resumable: each finished cell (method, seed) is appended to --csv as soon as it is scored, and a later call skips
 it; a cell interrupted mid-training resumes from its last.pt. Each run folder records the recipe it was trained
-for (kd_cell.json: method, seed, size, epochs, weights, teacher, per-loss weights); a folder recorded for another
-recipe stops the call instead of being reused. Cells run seed by seed (every method of seed 0 first),
+for (kd_cell.json: method, seed, size, epochs, weights, teacher, train args, per-loss weights); a folder recorded
+for another recipe stops the call instead of being reused. Cells run seed by seed (every method of seed 0 first),
 so a partial table already compares all methods.
 
 Usage:
@@ -41,8 +41,9 @@ if str(ROOT) not in sys.path:
 from bench._common import append_row, read_rows, table  # noqa: E402
 from utils.general import LOGGER, set_logging  # noqa: E402
 
+# method -> feature losses (None: no teacher at all)
 METHODS = {"baseline": None, "output": (), "output+at": ("at",), "output+cwd": ("cwd",), "output+pkd": ("pkd",),
-           "output+mimic": ("mimic",), "output+at+cwd": ("at", "cwd")}  # method -> feature losses (None: no teacher at all)
+           "output+mimic": ("mimic",), "output+at+cwd": ("at", "cwd")}
 FIELDS = ("method", "seed", "imgsz", "epochs", "alpha", "beta", "train_args", "map50", "map", "train_s", "teacher")
 KEY = FIELDS[:7]  # what makes a cell; the rest is its result
 
@@ -125,7 +126,6 @@ def _flags(opt) -> str:
 def train_overrides(opt) -> dict:
     """train_kd.py settings that --train-args changes from their defaults (refusing the ones the table sets)."""
     import train
-
     import train_kd
 
     parser = train_kd.build_parser()
@@ -239,7 +239,7 @@ def other_weights(cells: list) -> str:
     alpha, beta, train args)."""
     groups = {}
     for c in cells:
-        groups.setdefault((c["method"], c["epochs"], c["alpha"], c["beta"], c.get("train_args") or ""), []).append(c)
+        groups.setdefault((c["method"], c["epochs"], c["alpha"], c["beta"], c["train_args"]), []).append(c)
     rows = []
     for (method, epochs, alpha, beta, flags), group in sorted(groups.items()):
         means = [statistics.mean(float(c[k]) for c in group) for k in ("map50", "map")]
@@ -269,6 +269,7 @@ def main(opt) -> str:
     args = demo_opt(opt)
     teacher = None
     if not opt.table_only:
+        train_overrides(opt)  # a bad --train-args stops here, not after the first cells
         for seed in opt.seeds:
             for method in opt.methods:
                 key = cell_key(opt, method, seed)

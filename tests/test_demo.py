@@ -151,7 +151,8 @@ def test_kd_table_train_args_make_their_own_cells(tmp_path, monkeypatch):
     assert kd_table.cell_key(opt, "baseline", 0) == kd_table.cell_key(plain, "baseline", 0)
     assert kd_table.cell_name(opt, "output+at", 0) != kd_table.cell_name(plain, "output+at", 0)
     calls = {}
-    monkeypatch.setattr("demo.train_student", lambda opt_, name, teacher, overrides=None: calls.update({name: overrides}))
+    monkeypatch.setattr("demo.train_student",
+                        lambda opt_, name, teacher, overrides=None: calls.update({name: overrides}))
     kd_table.train_cell(opt, tmp_path / "t.pt", "output+at", 0)
     kd_table.train_cell(opt, tmp_path / "t.pt", "baseline", 0)
     assert calls[kd_table.cell_name(opt, "output+at", 0)] == {"kd_loss_selected": "bce", "kd_schedule": "cos"}
