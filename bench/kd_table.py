@@ -109,8 +109,8 @@ def append_cell(path: Path, row: dict) -> None:
 def cell_key(opt, method: str, seed: int) -> tuple:
     """(method, seed, imgsz, epochs, alpha, beta, train_args) as the CSV stores them; the baseline has no KD
     weights or KD flags."""
-    weights = ("", "", "") if METHODS[method] is None else (f"{opt.alpha:g}", f"{opt.beta:g}", _flags(opt))
-    return (method, str(seed), str(opt.imgsz), str(opt.epochs), *weights)
+    kd = ("", "", "") if METHODS[method] is None else (f"{opt.alpha:g}", f"{opt.beta:g}", _flags(opt))
+    return (method, str(seed), str(opt.imgsz), str(opt.epochs), *kd)
 
 
 # flags the table sets per cell itself: --train-args may not change them
@@ -140,10 +140,10 @@ def train_overrides(opt) -> dict:
 
 
 def cell_name(opt, method: str, seed: int) -> str:
-    weights = "" if METHODS[method] is None else f"_a{opt.alpha:g}_b{opt.beta:g}"
-    if METHODS[method] is not None and _flags(opt):
-        weights += "_" + re.sub(r"[^A-Za-z0-9.]+", "-", _flags(opt)).strip("-")
-    return f"{method.replace('+', '_')}_s{seed}_{opt.imgsz}px_e{opt.epochs}{weights}"
+    kd = "" if METHODS[method] is None else f"_a{opt.alpha:g}_b{opt.beta:g}"
+    if kd and _flags(opt):  # --train-args, made file-name safe
+        kd += "_" + re.sub(r"[^A-Za-z0-9.]+", "-", _flags(opt)).strip("-")
+    return f"{method.replace('+', '_')}_s{seed}_{opt.imgsz}px_e{opt.epochs}{kd}"
 
 
 def cell_recipe(opt, method: str, seed: int, teacher) -> dict:
