@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
 import train  # noqa: E402
 from utils.engine import DetectionTask  # noqa: E402
 from utils.general import LOGGER  # noqa: E402
-from utils.kd.losses import FEATURE_LOSSES, OUTPUT_KD_KINDS  # noqa: E402
+from utils.kd.losses import BOX_KD_KINDS, FEATURE_LOSSES, OUTPUT_KD_KINDS  # noqa: E402
 from utils.kd.task import DistillationTask  # noqa: E402
 
 
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distil (default); --no-kd trains the student alone on the same engine")
     g.add_argument("--kd_loss_selected", "--kd-loss", choices=OUTPUT_KD_KINDS, default="l2",
                    help="output KD loss")
+    g.add_argument("--kd_box", "--kd-box", choices=BOX_KD_KINDS, default="l2",
+                   help="box term of output KD: l2 on raw xywh logits, or ciou (1 - CIoU of the decoded boxes)")
     g.add_argument("--temperature", type=float, default=20.0, help="softmax temperature of the kl output loss")
     g.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="weight of output KD")
     g.add_argument("--beta", type=float, default=DEFAULT_BETA,

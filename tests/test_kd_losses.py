@@ -194,6 +194,62 @@ def test_bad_kind_and_class_mismatch_raise():
         output_kd_terms(_maps(0, nc=3), _maps(1, nc=5), t_cls_index=torch.tensor([0, 1]))
 
 
+def _one_cell(xywh, obj=0.0):
+    """One level, one anchor, one cell, one class: raw logits (1, 1, 1, 1, 6)."""
+    m = torch.zeros(1, 1, 1, 1, 6)
+    m[..., :4] = torch.tensor(xywh)
+    m[..., 4] = obj
+    return [m]
+
+
+def _logit(p):
+    return math.log(p / (1 - p))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "detection"])
+def test_ciou_box_kd_hand_cases(reduction):
+    anchors = torch.tensor([[[2.0, 1.0]]])  # (nl, na, 2) grid units
+    teacher = _one_cell([0, 0, 0, 0])  # centre (0.5, 0.5), wh = (2 * 0.5)^2 * anchor = 2 x 1; w = sigmoid(0) = 0.5
+    # student twice as wide and high around the same centre: (2 sigmoid)^2 = 2. Same centre and aspect ratio, so
+    # CIoU = IoU = 1 / 4 and the term is (1 - 1/4) * w over one cell (detection: over max(w, 1) = 1)
+    big = _logit(math.sqrt(2) / 2)
+    box, obj, cls = output_kd_terms(_one_cell([0, 0, big, big]), teacher, box_kind="ciou", anchors=anchors,
+                                    reduction=reduction)
+    assert box.item() == pytest.approx(0.75 * 0.5, rel=1e-5)
+    assert obj.item() == cls.item() == 0.0
+    # student shifted right by 0.5 cell (2 sigmoid - 0.5 = 1), same 2 x 1 size: intersection 1.5 x 1, union 2.5,
+    # IoU 0.6; enclosing box 2.5 x 1 (squared diagonal 7.25), squared centre distance 0.25; equal aspect ratios
+    box, _, _ = output_kd_terms(_one_cell([_logit(0.75), 0, 0, 0]), teacher, box_kind="ciou", anchors=anchors,
+                                reduction=reduction)
+    assert box.item() == pytest.approx((1 - (0.6 - 0.25 / 7.25)) * 0.5, rel=1e-5)
+    # the l2 form of the same pair: squared x logit error over four coordinates
+    box, _, _ = output_kd_terms(_one_cell([_logit(0.75), 0, 0, 0]), teacher, reduction=reduction)
+    assert box.item() == pytest.approx(_logit(0.75) ** 2 / 4 * 0.5, rel=1e-5)
+
+
+def test_ciou_box_kd_is_zero_at_teacher_and_pulls_student_towards_it():
+    anchors = torch.tensor([[[1.0, 2.0], [2.0, 1.0], [3.0, 3.0]], [[4.0, 3.0], [6.0, 7.0], [8.0, 5.0]]])
+    t_maps = _maps(20)
+    box, _, _ = output_kd_terms(t_maps, t_maps, box_kind="ciou", anchors=anchors)
+    assert box.item() == pytest.approx(0.0, abs=1e-3)  # not exactly 0: CIoU's eps weighs on the tiniest boxes
+    s_maps = [t.clone() for t in t_maps]
+    s_maps[0][..., 2:4] += 0.5  # every student box larger than the teacher's
+    s_maps = [s.requires_grad_(True) for s in s_maps]
+    box, _, _ = output_kd_terms(s_maps, t_maps, box_kind="ciou", anchors=anchors)
+    box.backward()
+    assert box.item() > 0 and torch.all(s_maps[0].grad[..., 2:4] > 0), "descent shrinks the too large boxes"
+    assert all(torch.all(s.grad[..., 4:] == 0) for s in s_maps), "the box term moves box outputs only"
+
+
+def test_ciou_box_kd_needs_anchors_and_known_kind():
+    with pytest.raises(ValueError, match="anchors"):
+        output_kd_terms(_maps(0), _maps(1), box_kind="ciou")
+    with pytest.raises(ValueError, match="anchors"):
+        output_kd_terms(_maps(0), _maps(1), box_kind="ciou", anchors=torch.ones(1, 3, 2))
+    with pytest.raises(ValueError, match="ciou"):
+        output_kd_terms(_maps(0), _maps(1), box_kind="iou")
+
+
 @pytest.mark.parametrize("kind", ["l2", "kl", "bce"])
 def test_identity_mapping_equals_plain(kind):
     s_maps, t_maps = _maps(10), _maps(11)

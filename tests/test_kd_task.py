@@ -109,6 +109,32 @@ def test_each_output_kd_term_reaches_student_not_teacher(kind, tmp_path):
         assert_gradient_reaches_student_only(task, term, f"output KD {kind} {what}", reaches=(detect,))
 
 
+def test_kd_box_ciou_changes_only_the_box_term(tmp_path):
+    from dataclasses import replace
+
+    task = make_task(feat_losses=(), tmp_path=tmp_path)
+    imgs, targets = batch()
+    task.on_epoch_start(0, 10)
+    _, l2_items = task.train_step(task.trainable, imgs, targets)
+    task.cfg = replace(task.cfg, box_loss="ciou")
+    task.model.zero_grad()
+    loss, items = task.train_step(task.trainable, imgs, targets)
+    assert items[3] > 0 and not torch.isclose(items[3], l2_items[3]), "kd_box is the decoded-box term now"
+    assert torch.allclose(items[:3], l2_items[:3]) and torch.allclose(items[4:], l2_items[4:])
+    loss.backward()
+    assert task.model.model[-1].m[0].weight.grad.abs().sum() > 0
+
+
+def test_kd_box_flag_reaches_config():
+    from utils.kd.task import kd_config_from_opt
+
+    parser = train_kd.build_parser()
+    assert kd_config_from_opt(parser.parse_args(["--kd_box", "ciou"])).box_loss == "ciou"
+    assert kd_config_from_opt(parser.parse_args([])).box_loss == "l2"
+    with pytest.raises(ValueError, match="kd_box"):
+        KDConfig(box_loss="iou")
+
+
 @pytest.mark.parametrize("name", FEATURE_LOSS_NAMES)
 def test_each_feature_loss_reaches_student_and_adapters_not_teacher(name, tmp_path):
     task = make_task(feat_losses=(name,), tmp_path=tmp_path)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from utils.kd.adapters import adapt, build_adapters
-from utils.kd.losses import (FEATURE_LOSSES, LOSS_WEIGHTS, NEEDS_ADAPTER, NEEDS_MASK, OUTPUT_KD_KINDS,
+from utils.kd.losses import (BOX_KD_KINDS, FEATURE_LOSSES, LOSS_WEIGHTS, NEEDS_ADAPTER, NEEDS_MASK, OUTPUT_KD_KINDS,
                              SIZE_FREE_FROM_MAPS, gt_mask, size_free)
 from utils.kd.recorder import FeatureRecorder
 
@@ -21,6 +21,7 @@ class KDConfig:
 
     Attributes:
         output_loss: output KD kind, 'l2', 'kl' or 'bce' (--kd_loss_selected).
+        box_loss: box term of output KD, 'l2' or 'ciou' (--kd_box, utils.kd.losses.BOX_KD_KINDS).
         temperature: softmax temperature of 'kl'.
         alpha: weight of output KD; beta: weight of feature KD.
         feat_losses: feature losses from utils.kd.losses.FEATURE_LOSSES (empty = output KD only).
@@ -33,6 +34,7 @@ class KDConfig:
     """
 
     output_loss: str = "l2"
+    box_loss: str = "l2"
     temperature: float = 20.0
     alpha: float = 1.0
     beta: float = 1.0
@@ -48,6 +50,8 @@ class KDConfig:
     def __post_init__(self):
         if self.output_loss not in OUTPUT_KD_KINDS:
             raise ValueError(f"--kd_loss_selected {self.output_loss}: choose one of {', '.join(OUTPUT_KD_KINDS)}")
+        if self.box_loss not in BOX_KD_KINDS:
+            raise ValueError(f"--kd_box {self.box_loss}: choose one of {', '.join(BOX_KD_KINDS)}")
         unknown = [f for f in self.feat_losses if f not in FEATURE_LOSSES]
         if unknown:
             raise ValueError(f"--feat_loss {' '.join(unknown)}: choose from {', '.join(FEATURE_LOSSES)} or none")

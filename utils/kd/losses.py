@@ -15,9 +15,11 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 
+from utils.boxes import bbox_iou
 from utils.torch_utils import de_parallel
 
 OUTPUT_KD_KINDS = ("l2", "kl", "bce")
+BOX_KD_KINDS = ("l2", "ciou")
 _MASKED_LOGIT = -1e4  # stands in for -inf in a masked softmax: exp() underflows to 0 without producing NaNs
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -117,7 +119,27 @@ def _objectness_scale(t_cls, teacher_mask, single_class):
     return None
 
 
-def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, single_class=False, weighted=False):
+def _cell_boxes(xywh, anchor_wh):
+    """Boxes (bs, na, ny, nx, 4) xywh in grid units relative to their cell, decoded from raw logits as Detect does
+    (xy = 2 sigmoid - 0.5, wh = (2 sigmoid)^2 * anchor); anchor_wh (na, 2) is Detect.anchors of the level."""
+    xy = xywh[..., :2].sigmoid() * 2 - 0.5
+    wh = (xywh[..., 2:4].sigmoid() * 2).square() * anchor_wh.to(xywh).view(1, -1, 1, 1, 2)
+    return torch.cat((xy, wh), -1)
+
+
+def _box_elements(box_kind, s_xywh, t_xywh, anchor_wh):
+    """Per-element box loss: (bs, na, ny, nx, 4) squared logit errors ('l2') or (bs, na, ny, nx, 1) 1 - CIoU
+    between the decoded student and teacher boxes of each cell ('ciou')."""
+    if box_kind == "l2":
+        return (s_xywh - t_xywh).square()
+    if anchor_wh is None:
+        raise ValueError("box KD 'ciou' decodes boxes and needs the Detect anchors of every level")
+    iou = bbox_iou(_cell_boxes(s_xywh, anchor_wh), _cell_boxes(t_xywh, anchor_wh), x1y1x2y2=False, CIoU=True)
+    return (1.0 - iou).unsqueeze(-1)
+
+
+def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, single_class=False, weighted=False,
+                 box_kind="l2", anchor_wh=None):
     """(box, obj, cls) scalars for one level; index/masks are None without class mapping.
 
     weighted=False averages each term over the level's cells (bs * na * ny * nx); weighted=True divides box and cls
@@ -132,8 +154,9 @@ def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, sin
     else:
         w = torch.sigmoid(t_obj)
         obj_target = w if kind == "bce" else t_obj
-    # box stays MSE on raw xywh logits for every kind: they are regression outputs, not probabilities
-    box = _reduce((s[..., :4] - t[..., :4]).square() * w[..., None], w, 4, weighted)
+    # box is a regression for every kind (not probabilities): MSE on raw xywh logits, or 1 - CIoU of decoded boxes
+    box_el = _box_elements(box_kind, s[..., :4], t[..., :4], anchor_wh)
+    box = _reduce(box_el * w[..., None], w, box_el.shape[-1], weighted)
     if kind == "bce":
         obj = (F.binary_cross_entropy_with_logits(s[..., 4], obj_target, reduction="none") * w).mean()
     else:
@@ -165,7 +188,7 @@ def _reduce(elements, w, per_cell, weighted):
 
 
 def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=None, t_obj_scale=None,
-                    single_class=False, reduction="mean"):
+                    single_class=False, reduction="mean", box_kind="l2", anchors=None):
     """Objectness-weighted output distillation, summed over detection levels.
 
     Per level with w = sigmoid(t_obj): box = mean((s_xywh - t_xywh)^2 * w); obj = mean((s_obj - t_obj)^2 * w);
@@ -199,6 +222,10 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
             grows (the cells the teacher sees objects in stay about as many while all cells grow with the image
             area); a 'detection' box or cls term does not, and its obj term is made size-free the way YOLOv5 does it
             for obj, by a gain proportional to the image area. Training (utils.kd.task) uses 'detection'.
+        box_kind: 'l2' (the formula above) or 'ciou': box = mean((1 - CIoU(s_box, t_box)) * w) with both boxes
+            decoded at each cell as Detect decodes them, the form of YOLOv5's own box loss with the teacher's box
+            in place of the label (reduced like 'l2', one element per cell instead of four).
+        anchors: Detect.anchors (nl, na, 2), grid units; needed by box_kind 'ciou'.
 
     Returns:
         (box, obj, cls): float32 scalars.
@@ -208,6 +235,8 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
     t_maps = _raw_maps(t_maps)
     if kind not in OUTPUT_KD_KINDS:
         raise ValueError(f"unknown output KD kind '{kind}'; choose one of {', '.join(OUTPUT_KD_KINDS)}")
+    if box_kind not in BOX_KD_KINDS:
+        raise ValueError(f"unknown box KD kind '{box_kind}'; choose one of {', '.join(BOX_KD_KINDS)}")
     if len(s_maps) != len(t_maps):
         raise ValueError(f"student has {len(s_maps)} detection levels, teacher {len(t_maps)}; they must match")
     nc_s, nc_t = s_maps[0].shape[-1] - 5, t_maps[0].shape[-1] - 5
@@ -224,13 +253,16 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
         raise ValueError(f"student has {nc_s} classes, teacher {nc_t}: pass t_cls_index (match_classes) or a "
                          f"--class_map file to say which teacher class teaches which student class"
                          f"{' (or single_class=True for a 1-class student)' if nc_s == 1 else ''}")
+    if box_kind == "ciou" and (anchors is None or len(anchors) != len(s_maps)):
+        raise ValueError(f"box KD 'ciou' needs Detect.anchors for each of the {len(s_maps)} levels")
     terms = []
-    for s, t in zip(s_maps, t_maps):
+    for i, (s, t) in enumerate(zip(s_maps, t_maps)):
         if s.shape[:-1] != t.shape[:-1]:
             raise ValueError(f"student map {tuple(s.shape)} and teacher map {tuple(t.shape)} differ before the "
                              f"class dim; anchors per level, strides and input size must match")
         terms.append(_level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, single_class,
-                                  weighted=reduction == "detection"))
+                                  weighted=reduction == "detection", box_kind=box_kind,
+                                  anchor_wh=None if anchors is None else anchors[i]))
     box, obj, cls = (sum(parts) for parts in zip(*terms))
     return box, obj, cls
 

@@ -167,7 +167,8 @@ class DistillationTask(DetectionTask):
         t_maps, t_feats = self.teacher_forward(imgs)
         box, obj, cls = output_kd_terms(preds, t_maps, kind=self.cfg.output_loss, temperature=self.cfg.temperature,
                                         t_cls_index=self.t_cls_index, t_obj_scale=self.t_obj_scale,
-                                        single_class=self.single_class, reduction="detection")
+                                        single_class=self.single_class, reduction="detection",
+                                        box_kind=self.cfg.box_loss, anchors=self.model.model[-1].anchors)
         hyp, cfg = self.hyp, self.cfg
         kd = hyp.get("kd", 1.0) * self.factor  # overall KD gain (hyp) x the epoch's schedule factor
         out_terms = torch.stack((box * hyp["giou"], obj * hyp["obj"], cls * hyp["cls"])) * (kd * cfg.alpha)
@@ -215,7 +216,7 @@ def kd_pairs(model: nn.Module, teacher: nn.Module, cfg: KDConfig, imgsz: int = 6
 
 def kd_config_from_opt(opt) -> KDConfig:
     feats = tuple(f for f in (opt.feat_loss or []) if f != "none")
-    return KDConfig(output_loss=opt.kd_loss_selected, temperature=float(opt.temperature), alpha=opt.alpha,
+    return KDConfig(output_loss=opt.kd_loss_selected, box_loss=getattr(opt, "kd_box", "l2"), temperature=float(opt.temperature), alpha=opt.alpha,
                     beta=opt.beta, feat_losses=feats, ratio=opt.ratio, cwd_tau=opt.cwd_tau,
                     schedule=opt.kd_schedule, stop_epoch=opt.kd_stop_epoch, s_layers=layer_names(opt.kd_layers),
                     t_layers=layer_names(opt.teacher_kd_layers), class_map=opt.class_map or None)
