@@ -204,6 +204,34 @@ def test_giou_is_scaled_like_box_and_falls_back_to_box():
     assert scale_hyp_gains(no_giou, 3, 80, 640)["giou"] == pytest.approx(0.05)
 
 
+def test_kd_obj_and_kd_cls_are_scaled_like_obj_and_cls_and_fall_back_to_them():
+    hyp = {"box": 0.05, "obj": 1.0, "cls": 0.5, "kd_obj": 0.3, "kd_cls": 2.0}
+    scaled = scale_hyp_gains(hyp, 4, 20, 320)
+    assert scaled["kd_obj"] == pytest.approx(0.3 * 0.25 * 0.75)  # (320/640)^2, 3/4 levels
+    assert scaled["kd_cls"] == pytest.approx(2.0 * 0.25 * 0.75)  # 20/80 classes, 3/4 levels
+    plain = scale_hyp_gains({"box": 0.05, "obj": 1.0, "cls": 0.5}, 4, 20, 320)
+    assert plain["kd_obj"] == plain["obj"] and plain["kd_cls"] == plain["cls"]
+
+
+def test_kd_obj_and_kd_cls_gains_weigh_only_their_own_term(tmp_path):
+    from tests.test_kd_task import batch, make_task
+
+    task = make_task(feat_losses=("at",), tmp_path=tmp_path)
+    task.on_epoch_start(0, 10)
+    imgs, targets = batch()
+
+    def kd_items(**gains):
+        task.hyp = {**task.hyp, **gains}
+        with torch.no_grad():
+            return task.train_step(task.trainable, imgs, targets)[1][3:]
+
+    base = kd_items()
+    off = kd_items(kd_obj=0.0, kd_cls=task.hyp["cls"] * 3)
+    assert off[1] == 0 and base[1] > 0
+    torch.testing.assert_close(off[2], base[2] * 3, rtol=1e-4, atol=0)
+    torch.testing.assert_close(off[[0, 3]], base[[0, 3]], rtol=1e-4, atol=0)
+
+
 def test_rejects_unknown_reduction():
     with pytest.raises(ValueError, match="reduction"):
         output_kd_terms([torch.zeros(1, 3, 2, 2, 8)], [torch.zeros(1, 3, 2, 2, 8)], reduction="sum")

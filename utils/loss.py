@@ -23,14 +23,17 @@ def scale_hyp_gains(hyp, nl, nc, imgsz):
     """A new hyp dict with the loss gains scaled from the 3-level, 80-class, 640-px reference setting.
 
     box *= 3/nl; cls *= nc/80 * 3/nl; obj *= (imgsz/640)^2 * 3/nl. The input dict is not modified.
-    The distillation box gain ``giou`` (default: ``box``) is scaled like box, so output KD (utils.kd.task) takes
-    every gain from the scaled dict with the detection loss's scaling.
+    The distillation gains ``giou`` (box, default: ``box``), ``kd_obj`` (default: ``obj``) and ``kd_cls`` (default:
+    ``cls``) are scaled like box, obj and cls, so output KD (utils.kd.task) takes every gain from the scaled dict
+    with the detection loss's scaling.
     """
     scaled = dict(hyp)
     scaled["box"] = hyp["box"] * 3 / nl
     scaled["giou"] = hyp.get("giou", hyp["box"]) * 3 / nl
     scaled["cls"] = hyp["cls"] * nc / 80 * 3 / nl
+    scaled["kd_cls"] = hyp.get("kd_cls", hyp["cls"]) * nc / 80 * 3 / nl
     scaled["obj"] = hyp["obj"] * (imgsz / 640) ** 2 * 3 / nl
+    scaled["kd_obj"] = hyp.get("kd_obj", hyp["obj"]) * (imgsz / 640) ** 2 * 3 / nl
     return scaled
 
 

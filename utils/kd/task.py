@@ -104,9 +104,9 @@ class DistillationTask(DetectionTask):
     """Detection loss + kd * (alpha * output KD + beta * feature KD), with a frozen teacher.
 
     The weighting story: hyp ``kd`` scales every KD term (and the --kd_schedule factor multiplies it per epoch);
-    --alpha scales output KD, --beta feature KD. Output KD's box/obj/cls terms take the detection loss's gains as the
-    engine scales them per run (giou, or box, x 3/nl; obj x (imgsz/640)^2 x 3/nl; cls x nc/80 x 3/nl; see
-    utils.loss.scale_hyp_gains) with the 'detection' reduction of output_kd_terms, and each feature loss is averaged
+    --alpha scales output KD, --beta feature KD. Output KD's box/obj/cls terms take their own hyp gains (giou,
+    kd_obj, kd_cls; default: the detection gains box, obj, cls), scaled per run like the detection gains (box x 3/nl;
+    obj x (imgsz/640)^2 x 3/nl; cls x nc/80 x 3/nl; see utils.loss.scale_hyp_gains) with the 'detection' reduction of output_kd_terms, and each feature loss is averaged
     over the layer pairs in its size-free form (losses.size_free), so the same alpha and beta mean the same at 128
     and at 640 px and with any number of layer pairs (bench/kd_magnitudes.py measures it).
 
@@ -171,7 +171,8 @@ class DistillationTask(DetectionTask):
                                         box_kind=self.cfg.box_loss, anchors=self.model.model[-1].anchors)
         hyp, cfg = self.hyp, self.cfg
         kd = hyp.get("kd", 1.0) * self.factor  # overall KD gain (hyp) x the epoch's schedule factor
-        out_terms = torch.stack((box * hyp["giou"], obj * hyp["obj"], cls * hyp["cls"])) * (kd * cfg.alpha)
+        gains = hyp["giou"], hyp.get("kd_obj", hyp["obj"]), hyp.get("kd_cls", hyp["cls"])
+        out_terms = torch.stack((box * gains[0], obj * gains[1], cls * gains[2])) * (kd * cfg.alpha)
         feat = self.distiller.feature_loss(s_feats, t_feats, targets) * (kd * cfg.beta) \
             if s_feats else out_terms.new_zeros(())
         kd_items = torch.cat((out_terms, feat.reshape(1)))
