@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output KD loss")
     g.add_argument("--kd_box", "--kd-box", choices=BOX_KD_KINDS, default="l2",
                    help="box term of output KD: l2 on raw xywh logits, or ciou (1 - CIoU of the decoded boxes)")
+    g.add_argument("--kd_obj_iou", "--kd-obj-iou", action="store_true",
+                   help="objectness KD target: the teacher's objectness times the CIoU of the student's box with the "
+                        "teacher's (as YOLOv5 scales its objectness target by the IoU with the label)")
     g.add_argument("--temperature", type=float, default=20.0, help="softmax temperature of the kl output loss")
     g.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="weight of output KD")
     g.add_argument("--beta", type=float, default=DEFAULT_BETA,

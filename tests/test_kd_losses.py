@@ -241,6 +241,31 @@ def test_ciou_box_kd_is_zero_at_teacher_and_pulls_student_towards_it():
     assert all(torch.all(s.grad[..., 4:] == 0) for s in s_maps), "the box term moves box outputs only"
 
 
+@pytest.mark.parametrize("kind", ["l2", "bce"])
+def test_obj_iou_scales_the_objectness_target_by_the_box_match(kind):
+    anchors = torch.tensor([[[2.0, 1.0]]])
+    teacher = _one_cell([0, 0, 0, 0], obj=0.0)  # objectness 0.5 = the weight w
+    big = _logit(math.sqrt(2) / 2)
+    student = _one_cell([0, 0, big, big], obj=0.0)  # CIoU 1/4 with the teacher's box (see the hand case above)
+    student[0].requires_grad_(True)
+    _, obj, _ = output_kd_terms(student, teacher, kind=kind, anchors=anchors, obj_iou=True)
+    p = 0.5 * 0.25  # the teacher's objectness times the CIoU
+    if kind == "l2":
+        expected = (0.0 - _logit(p)) ** 2 * 0.5
+    else:  # BCE of the student's 0.5 against the target p
+        expected = -(p * math.log(0.5) + (1 - p) * math.log(0.5)) * 0.5
+    assert obj.item() == pytest.approx(expected, rel=1e-5)
+    obj.backward()
+    assert torch.all(student[0].grad[..., :4] == 0), "the box match is a target, not a path for gradients"
+    # without obj_iou the target is the teacher's own objectness, which the student already has (l2: zero loss)
+    _, plain, _ = output_kd_terms(student, teacher, kind=kind, anchors=anchors)
+    assert plain.item() < obj.item()
+    # boxes that do not overlap: the factor stops at the floor of 0.01, a finite logit target
+    far = _one_cell([8.0, 8.0, -8.0, -8.0], obj=0.0)
+    _, obj, _ = output_kd_terms(far, teacher, kind="l2", anchors=anchors, obj_iou=True)
+    assert obj.item() == pytest.approx((0.0 - _logit(0.5 * 0.01)) ** 2 * 0.5, rel=1e-4)
+
+
 def test_ciou_box_kd_needs_anchors_and_known_kind():
     with pytest.raises(ValueError, match="anchors"):
         output_kd_terms(_maps(0), _maps(1), box_kind="ciou")
@@ -248,6 +273,8 @@ def test_ciou_box_kd_needs_anchors_and_known_kind():
         output_kd_terms(_maps(0), _maps(1), box_kind="ciou", anchors=torch.ones(1, 3, 2))
     with pytest.raises(ValueError, match="ciou"):
         output_kd_terms(_maps(0), _maps(1), box_kind="iou")
+    with pytest.raises(ValueError, match="anchors"):
+        output_kd_terms(_maps(0), _maps(1), obj_iou=True)
 
 
 @pytest.mark.parametrize("kind", ["l2", "kl", "bce"])

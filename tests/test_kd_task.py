@@ -125,12 +125,27 @@ def test_kd_box_ciou_changes_only_the_box_term(tmp_path):
     assert task.model.model[-1].m[0].weight.grad.abs().sum() > 0
 
 
+def test_kd_obj_iou_changes_only_the_objectness_term(tmp_path):
+    from dataclasses import replace
+
+    task = make_task(feat_losses=(), tmp_path=tmp_path)
+    imgs, targets = batch()
+    task.on_epoch_start(0, 10)
+    _, plain = task.train_step(task.trainable, imgs, targets)
+    task.cfg = replace(task.cfg, obj_iou=True)
+    _, items = task.train_step(task.trainable, imgs, targets)
+    assert not torch.isclose(items[4], plain[4]), "kd_obj has the box-match target now"
+    assert torch.allclose(items[[0, 1, 2, 3, 5, 6]], plain[[0, 1, 2, 3, 5, 6]])
+
+
 def test_kd_box_flag_reaches_config():
     from utils.kd.task import kd_config_from_opt
 
     parser = train_kd.build_parser()
     assert kd_config_from_opt(parser.parse_args(["--kd_box", "ciou"])).box_loss == "ciou"
     assert kd_config_from_opt(parser.parse_args([])).box_loss == "l2"
+    assert kd_config_from_opt(parser.parse_args(["--kd_obj_iou"])).obj_iou
+    assert not kd_config_from_opt(parser.parse_args([])).obj_iou
     with pytest.raises(ValueError, match="kd_box"):
         KDConfig(box_loss="iou")
 

@@ -22,6 +22,7 @@ class KDConfig:
     Attributes:
         output_loss: output KD kind, 'l2', 'kl' or 'bce' (--kd_loss_selected).
         box_loss: box term of output KD, 'l2' or 'ciou' (--kd_box, utils.kd.losses.BOX_KD_KINDS).
+        obj_iou: scale the objectness KD target by the student-teacher box CIoU (--kd_obj_iou).
         temperature: softmax temperature of 'kl'.
         alpha: weight of output KD; beta: weight of feature KD.
         feat_losses: feature losses from utils.kd.losses.FEATURE_LOSSES (empty = output KD only).
@@ -35,6 +36,7 @@ class KDConfig:
 
     output_loss: str = "l2"
     box_loss: str = "l2"
+    obj_iou: bool = False
     temperature: float = 20.0
     alpha: float = 1.0
     beta: float = 1.0

@@ -20,6 +20,7 @@ from utils.torch_utils import de_parallel
 
 OUTPUT_KD_KINDS = ("l2", "kl", "bce")
 BOX_KD_KINDS = ("l2", "ciou")
+OBJ_IOU_FLOOR = 0.01  # --kd_obj_iou: the least IoU factor, so an l2 objectness target stays a finite logit
 _MASKED_LOGIT = -1e4  # stands in for -inf in a masked softmax: exp() underflows to 0 without producing NaNs
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -127,19 +128,15 @@ def _cell_boxes(xywh, anchor_wh):
     return torch.cat((xy, wh), -1)
 
 
-def _box_elements(box_kind, s_xywh, t_xywh, anchor_wh):
-    """Per-element box loss: (bs, na, ny, nx, 4) squared logit errors ('l2') or (bs, na, ny, nx, 1) 1 - CIoU
-    between the decoded student and teacher boxes of each cell ('ciou')."""
-    if box_kind == "l2":
-        return (s_xywh - t_xywh).square()
+def _cell_ciou(s_xywh, t_xywh, anchor_wh):
+    """CIoU (bs, na, ny, nx) between the student's and the teacher's decoded box of every cell."""
     if anchor_wh is None:
-        raise ValueError("box KD 'ciou' decodes boxes and needs the Detect anchors of every level")
-    iou = bbox_iou(_cell_boxes(s_xywh, anchor_wh), _cell_boxes(t_xywh, anchor_wh), x1y1x2y2=False, CIoU=True)
-    return (1.0 - iou).unsqueeze(-1)
+        raise ValueError("box KD 'ciou' and --kd_obj_iou decode boxes and need the Detect anchors of every level")
+    return bbox_iou(_cell_boxes(s_xywh, anchor_wh), _cell_boxes(t_xywh, anchor_wh), x1y1x2y2=False, CIoU=True)
 
 
 def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, single_class=False, weighted=False,
-                 box_kind="l2", anchor_wh=None):
+                 box_kind="l2", anchor_wh=None, obj_iou=False):
     """(box, obj, cls) scalars for one level; index/masks are None without class mapping.
 
     weighted=False averages each term over the level's cells (bs * na * ny * nx); weighted=True divides box and cls
@@ -148,14 +145,18 @@ def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, sin
     s, t = s.float(), t.detach().float()
     t_obj = t[..., 4]  # (bs, na, ny, nx)
     m = _objectness_scale(t[..., 5:], teacher_mask, single_class)
-    if m is not None:
-        w = torch.sigmoid(t_obj) * m
-        obj_target = w if kind == "bce" else _scaled_logit(t_obj, m)
-    else:
-        w = torch.sigmoid(t_obj)
+    w = torch.sigmoid(t_obj) if m is None else torch.sigmoid(t_obj) * m
+    ciou = _cell_ciou(s[..., :4], t[..., :4], anchor_wh) if box_kind == "ciou" or obj_iou else None
+    q = m  # the factor on the teacher's objectness probability in the obj target
+    if obj_iou:  # as YOLOv5 scales its objectness target by the IoU with the label
+        quality = ciou.detach().clamp(min=OBJ_IOU_FLOOR)
+        q = quality if m is None else m * quality
+    if q is None:
         obj_target = w if kind == "bce" else t_obj
+    else:
+        obj_target = torch.sigmoid(t_obj) * q if kind == "bce" else _scaled_logit(t_obj, q)
     # box is a regression for every kind (not probabilities): MSE on raw xywh logits, or 1 - CIoU of decoded boxes
-    box_el = _box_elements(box_kind, s[..., :4], t[..., :4], anchor_wh)
+    box_el = (s[..., :4] - t[..., :4]).square() if box_kind == "l2" else (1.0 - ciou).unsqueeze(-1)
     box = _reduce(box_el * w[..., None], w, box_el.shape[-1], weighted)
     if kind == "bce":
         obj = (F.binary_cross_entropy_with_logits(s[..., 4], obj_target, reduction="none") * w).mean()
@@ -188,7 +189,7 @@ def _reduce(elements, w, per_cell, weighted):
 
 
 def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=None, t_obj_scale=None,
-                    single_class=False, reduction="mean", box_kind="l2", anchors=None):
+                    single_class=False, reduction="mean", box_kind="l2", anchors=None, obj_iou=False):
     """Objectness-weighted output distillation, summed over detection levels.
 
     Per level with w = sigmoid(t_obj): box = mean((s_xywh - t_xywh)^2 * w); obj = mean((s_obj - t_obj)^2 * w);
@@ -225,7 +226,11 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
         box_kind: 'l2' (the formula above) or 'ciou': box = mean((1 - CIoU(s_box, t_box)) * w) with both boxes
             decoded at each cell as Detect decodes them, the form of YOLOv5's own box loss with the teacher's box
             in place of the label (reduced like 'l2', one element per cell instead of four).
-        anchors: Detect.anchors (nl, na, 2), grid units; needed by box_kind 'ciou'.
+        anchors: Detect.anchors (nl, na, 2), grid units; needed by box_kind 'ciou' and obj_iou.
+        obj_iou: multiply the teacher's objectness probability in the obj target (not in the weight w) by
+            max(CIoU(s_box, t_box), 0.01) (detached), as YOLOv5's detection loss scales its objectness target by the
+            IoU of the predicted box with its label: the student is taught to be as confident as the teacher only
+            where its box is as good as the teacher's.
 
     Returns:
         (box, obj, cls): float32 scalars.
@@ -253,8 +258,8 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
         raise ValueError(f"student has {nc_s} classes, teacher {nc_t}: pass t_cls_index (match_classes) or a "
                          f"--class_map file to say which teacher class teaches which student class"
                          f"{' (or single_class=True for a 1-class student)' if nc_s == 1 else ''}")
-    if box_kind == "ciou" and (anchors is None or len(anchors) != len(s_maps)):
-        raise ValueError(f"box KD 'ciou' needs Detect.anchors for each of the {len(s_maps)} levels")
+    if (box_kind == "ciou" or obj_iou) and (anchors is None or len(anchors) != len(s_maps)):
+        raise ValueError(f"box KD 'ciou' and obj_iou need Detect.anchors for each of the {len(s_maps)} levels")
     terms = []
     for i, (s, t) in enumerate(zip(s_maps, t_maps)):
         if s.shape[:-1] != t.shape[:-1]:
@@ -262,7 +267,7 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
                              f"class dim; anchors per level, strides and input size must match")
         terms.append(_level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, single_class,
                                   weighted=reduction == "detection", box_kind=box_kind,
-                                  anchor_wh=None if anchors is None else anchors[i]))
+                                  anchor_wh=None if anchors is None else anchors[i], obj_iou=obj_iou))
     box, obj, cls = (sum(parts) for parts in zip(*terms))
     return box, obj, cls
 

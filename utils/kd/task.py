@@ -168,7 +168,8 @@ class DistillationTask(DetectionTask):
         box, obj, cls = output_kd_terms(preds, t_maps, kind=self.cfg.output_loss, temperature=self.cfg.temperature,
                                         t_cls_index=self.t_cls_index, t_obj_scale=self.t_obj_scale,
                                         single_class=self.single_class, reduction="detection",
-                                        box_kind=self.cfg.box_loss, anchors=self.model.model[-1].anchors)
+                                        box_kind=self.cfg.box_loss, anchors=self.model.model[-1].anchors,
+                                        obj_iou=self.cfg.obj_iou)
         hyp, cfg = self.hyp, self.cfg
         kd = hyp.get("kd", 1.0) * self.factor  # overall KD gain (hyp) x the epoch's schedule factor
         gains = hyp["giou"], hyp.get("kd_obj", hyp["obj"]), hyp.get("kd_cls", hyp["cls"])
@@ -217,7 +218,8 @@ def kd_pairs(model: nn.Module, teacher: nn.Module, cfg: KDConfig, imgsz: int = 6
 
 def kd_config_from_opt(opt) -> KDConfig:
     feats = tuple(f for f in (opt.feat_loss or []) if f != "none")
-    return KDConfig(output_loss=opt.kd_loss_selected, box_loss=getattr(opt, "kd_box", "l2"), temperature=float(opt.temperature), alpha=opt.alpha,
+    return KDConfig(output_loss=opt.kd_loss_selected, box_loss=getattr(opt, "kd_box", "l2"),
+                    obj_iou=bool(getattr(opt, "kd_obj_iou", False)), temperature=float(opt.temperature), alpha=opt.alpha,
                     beta=opt.beta, feat_losses=feats, ratio=opt.ratio, cwd_tau=opt.cwd_tau,
                     schedule=opt.kd_schedule, stop_epoch=opt.kd_stop_epoch, s_layers=layer_names(opt.kd_layers),
                     t_layers=layer_names(opt.teacher_kd_layers), class_map=opt.class_map or None)
