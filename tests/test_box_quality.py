@@ -1,0 +1,27 @@
+"""bench/box_quality.py: TP shares by hand, and a run on the shipped demo teacher."""
+import math
+
+import numpy as np
+import pytest
+
+from bench import box_quality
+
+ROOT = box_quality.ROOT
+
+
+def test_tp_shares_hand_case():
+    tp = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0], [1, 1, 1]], dtype=bool)
+    conf = np.array([0.9, 0.8, 0.7, 0.95, 0.1])
+    # confident (>= 0.5) and matched at the first threshold: rows 0, 1, 2 (row 3 unmatched, row 4 not confident)
+    assert box_quality.tp_shares(tp, conf, 0.5).tolist() == pytest.approx([1.0, 2 / 3, 1 / 3])
+    assert all(math.isnan(v) for v in box_quality.tp_shares(tp, conf, 0.99))
+
+
+def test_box_quality_on_the_demo_teacher(shapes_data):
+    teacher = ROOT / "weights/demo_teacher_yolov5s_shapes128.pt"
+    (_, r), = box_quality.main([str(teacher), "--data", str(shapes_data), "--imgsz", "96", "--conf", "0.1"])
+    ap, shares = r["ap"], r["shares"]
+    assert len(ap) == len(shares) == 10 and r["confident"] > 0
+    assert ap[0] > 0.1, "the demo teacher finds the shapes"
+    # stricter thresholds keep a subset of the matches: AP and shares can only fall
+    assert np.all(np.diff(ap) <= 1e-9) and shares[0] == 1.0 and np.all(np.diff(shares) <= 0)
