@@ -76,12 +76,20 @@ def main(argv=None) -> list:
     p.add_argument("--conf", type=float, default=0.25, help="confidence of the detections whose TP shares count")
     opt = p.parse_args(argv)
     rows = [(w, measure(w, opt.data, opt.imgsz, opt.batch_size, opt.conf)) for w in opt.weights]
+    labels = [label(w) for w in opt.weights]
+    width = max(len(x) for x in labels + ["checkpoint"])
     head = " ".join(f"{t:5.2f}" for t in IOU_THRESHOLDS)
     for title, key in (("AP at IoU", "ap"), (f"share of conf>={opt.conf} TP@.5 still TP at IoU", "shares")):
-        print(f"\n{title}\n{'checkpoint':60s} {head}")
-        for w, r in rows:
-            print(f"{w[-60:]:60s} " + " ".join(f"{v:5.3f}" for v in r[key]))
+        print(f"\n{title}\n{'checkpoint':{width}s} {head}")
+        for name, (_, r) in zip(labels, rows):
+            print(f"{name:{width}s} " + " ".join(f"{v:5.3f}" for v in r[key]))
     return rows
+
+
+def label(weights: str) -> str:
+    """A run's folder name for runs/.../weights/best.pt, else the file name."""
+    p = Path(weights)
+    return p.parent.parent.name if p.parent.name == "weights" else p.name
 
 
 if __name__ == "__main__":

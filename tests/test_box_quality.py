@@ -17,6 +17,11 @@ def test_tp_shares_hand_case():
     assert all(math.isnan(v) for v in box_quality.tp_shares(tp, conf, 0.99))
 
 
+def test_labels_name_the_run():
+    assert box_quality.label("runs/kd_table/baseline_s0_128px_e60/weights/best.pt") == "baseline_s0_128px_e60"
+    assert box_quality.label("weights/demo_teacher_yolov5s_shapes128.pt") == "demo_teacher_yolov5s_shapes128.pt"
+
+
 def test_box_quality_on_the_demo_teacher(shapes_data):
     teacher = ROOT / "weights/demo_teacher_yolov5s_shapes128.pt"
     (_, r), = box_quality.main([str(teacher), "--data", str(shapes_data), "--imgsz", "96", "--conf", "0.1"])
