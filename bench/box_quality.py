@@ -87,9 +87,10 @@ def main(argv=None) -> list:
 
 
 def label(weights: str) -> str:
-    """A run's folder name for runs/.../weights/best.pt, else the file name."""
+    """The run's folder name for a run's weights/best.pt or last.pt, else the file name."""
     p = Path(weights)
-    return p.parent.parent.name if p.parent.name == "weights" else p.name
+    run = p.parent.parent.name if p.parent.name == "weights" and p.name in ("best.pt", "last.pt") else ""
+    return run or p.name
 
 
 if __name__ == "__main__":

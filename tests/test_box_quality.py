@@ -20,6 +20,7 @@ def test_tp_shares_hand_case():
 def test_labels_name_the_run():
     assert box_quality.label("runs/kd_table/baseline_s0_128px_e60/weights/best.pt") == "baseline_s0_128px_e60"
     assert box_quality.label("weights/demo_teacher_yolov5s_shapes128.pt") == "demo_teacher_yolov5s_shapes128.pt"
+    assert box_quality.label("/repo/weights/teacher.pt") == "teacher.pt"
 
 
 def test_box_quality_on_the_demo_teacher(shapes_data):
