@@ -145,7 +145,8 @@ def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, sin
     s, t = s.float(), t.detach().float()
     t_obj = t[..., 4]  # (bs, na, ny, nx)
     m = _objectness_scale(t[..., 5:], teacher_mask, single_class)
-    w = torch.sigmoid(t_obj) if m is None else torch.sigmoid(t_obj) * m
+    p_obj = torch.sigmoid(t_obj)
+    w = p_obj if m is None else p_obj * m
     ciou = _cell_ciou(s[..., :4], t[..., :4], anchor_wh) if box_kind == "ciou" or obj_iou else None
     q = m  # the factor on the teacher's objectness probability in the obj target
     if obj_iou:  # as YOLOv5 scales its objectness target by the IoU with the label
@@ -154,7 +155,7 @@ def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, sin
     if q is None:
         obj_target = w if kind == "bce" else t_obj
     else:
-        obj_target = torch.sigmoid(t_obj) * q if kind == "bce" else _scaled_logit(t_obj, q)
+        obj_target = p_obj * q if kind == "bce" else _scaled_logit(t_obj, q)
     # box is a regression for every kind (not probabilities): MSE on raw xywh logits, or 1 - CIoU of decoded boxes
     box_el = (s[..., :4] - t[..., :4]).square() if box_kind == "l2" else (1.0 - ciou).unsqueeze(-1)
     box = _reduce(box_el * w[..., None], w, box_el.shape[-1], weighted)

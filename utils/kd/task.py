@@ -106,9 +106,10 @@ class DistillationTask(DetectionTask):
     The weighting story: hyp ``kd`` scales every KD term (and the --kd_schedule factor multiplies it per epoch);
     --alpha scales output KD, --beta feature KD. Output KD's box/obj/cls terms take their own hyp gains (giou,
     kd_obj, kd_cls; default: the detection gains box, obj, cls), scaled per run like the detection gains (box x 3/nl;
-    obj x (imgsz/640)^2 x 3/nl; cls x nc/80 x 3/nl; see utils.loss.scale_hyp_gains) with the 'detection' reduction of output_kd_terms, and each feature loss is averaged
-    over the layer pairs in its size-free form (losses.size_free), so the same alpha and beta mean the same at 128
-    and at 640 px and with any number of layer pairs (bench/kd_magnitudes.py measures it).
+    obj x (imgsz/640)^2 x 3/nl; cls x nc/80 x 3/nl; see utils.loss.scale_hyp_gains) with the 'detection' reduction
+    of output_kd_terms, and each feature loss is averaged over the layer pairs in its size-free form
+    (losses.size_free), so the same alpha and beta mean the same at 128 and at 640 px and with any number of layer
+    pairs (bench/kd_magnitudes.py measures it).
 
     The teacher runs once per step under no_grad in eval mode (fused, fp16 on CUDA) and is never wrapped in DDP;
     KD losses are computed in float32 outside no_grad so their gradients reach the student (and its adapters).
@@ -172,6 +173,7 @@ class DistillationTask(DetectionTask):
                                         obj_iou=self.cfg.obj_iou)
         hyp, cfg = self.hyp, self.cfg
         kd = hyp.get("kd", 1.0) * self.factor  # overall KD gain (hyp) x the epoch's schedule factor
+        # kd_obj / kd_cls are optional hyp keys (scale_hyp_gains fills them in; a raw hyp file may lack them)
         gains = hyp["giou"], hyp.get("kd_obj", hyp["obj"]), hyp.get("kd_cls", hyp["cls"])
         out_terms = torch.stack((box * gains[0], obj * gains[1], cls * gains[2])) * (kd * cfg.alpha)
         feat = self.distiller.feature_loss(s_feats, t_feats, targets) * (kd * cfg.beta) \
@@ -218,8 +220,8 @@ def kd_pairs(model: nn.Module, teacher: nn.Module, cfg: KDConfig, imgsz: int = 6
 
 def kd_config_from_opt(opt) -> KDConfig:
     feats = tuple(f for f in (opt.feat_loss or []) if f != "none")
-    return KDConfig(output_loss=opt.kd_loss_selected, box_loss=getattr(opt, "kd_box", "l2"),
-                    obj_iou=bool(getattr(opt, "kd_obj_iou", False)), temperature=float(opt.temperature), alpha=opt.alpha,
-                    beta=opt.beta, feat_losses=feats, ratio=opt.ratio, cwd_tau=opt.cwd_tau,
-                    schedule=opt.kd_schedule, stop_epoch=opt.kd_stop_epoch, s_layers=layer_names(opt.kd_layers),
-                    t_layers=layer_names(opt.teacher_kd_layers), class_map=opt.class_map or None)
+    return KDConfig(output_loss=opt.kd_loss_selected, box_loss=opt.kd_box, obj_iou=opt.kd_obj_iou,
+                    temperature=float(opt.temperature), alpha=opt.alpha, beta=opt.beta, feat_losses=feats,
+                    ratio=opt.ratio, cwd_tau=opt.cwd_tau, schedule=opt.kd_schedule, stop_epoch=opt.kd_stop_epoch,
+                    s_layers=layer_names(opt.kd_layers), t_layers=layer_names(opt.teacher_kd_layers),
+                    class_map=opt.class_map or None)
