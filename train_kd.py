@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kd_obj_iou", "--kd-obj-iou", action="store_true",
                    help="objectness KD target: the teacher's objectness times the CIoU of the student's box with the "
                         "teacher's (as YOLOv5 scales its objectness target by the IoU with the label)")
+    g.add_argument("--kd_cls_floor", "--kd-cls-floor", type=float, default=0.0,
+                   help="l2 class KD: class logits below -F count as -F for both networks, so classes both rule out "
+                        "cost nothing (0: off)")
     g.add_argument("--temperature", type=float, default=20.0, help="softmax temperature of the kl output loss")
     g.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="weight of output KD")
     g.add_argument("--beta", type=float, default=DEFAULT_BETA,

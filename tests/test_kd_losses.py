@@ -279,6 +279,43 @@ def test_ciou_box_kd_needs_anchors_and_known_kind():
         output_kd_terms(_maps(0), _maps(1), obj_iou=True)
 
 
+def _cell_with_classes(cls_logits, obj=0.0):
+    """One level, one anchor, one cell with zero box logits and the given class logits: (1, 1, 1, 1, 5 + nc)."""
+    m = torch.zeros(1, 1, 1, 1, 5 + len(cls_logits))
+    m[..., 4] = obj
+    m[..., 5:] = torch.tensor(cls_logits)
+    return [m]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "detection"])
+def test_cls_floor_hand_case(reduction):
+    # w = sigmoid(0) = 0.5; one cell and four classes, so either reduction divides the summed errors by 4
+    teacher = _cell_with_classes([3.0, -8.0, -2.0, -9.0])
+    student = _cell_with_classes([1.0, -5.0, -6.0, -3.0])
+    student[0].requires_grad_(True)
+    _, _, plain = output_kd_terms(student, teacher, reduction=reduction)
+    assert plain.item() == pytest.approx((2 ** 2 + 3 ** 2 + 4 ** 2 + 6 ** 2) / 4 * 0.5, rel=1e-6)
+    _, _, floored = output_kd_terms(student, teacher, reduction=reduction, cls_floor=4.6)
+    # class 0: both above the floor, 2^2. Class 1: the teacher's -8 counts as -4.6 and so does the student's -5,
+    # nothing to learn. Class 2: the teacher's -2 is above the floor, so the student's -6 is pulled up: 4^2.
+    # Class 3: the teacher's -9 counts as -4.6; the student's -3 is above it: 1.6^2
+    assert floored.item() == pytest.approx((2 ** 2 + 0 + 4 ** 2 + 1.6 ** 2) / 4 * 0.5, rel=1e-6)
+    floored.backward()
+    # d/ds of w * (s - t)^2 / 4 is (s - t) / 4 with w = 0.5, t the floored target; 0 where both are floored
+    grad = student[0].grad[0, 0, 0, 0, 5:].tolist()
+    assert grad == pytest.approx([(1 - 3) / 4, 0.0, (-6 + 2) / 4, (-3 + 4.6) / 4], abs=1e-6)
+
+
+def test_cls_floor_is_l2_only_and_not_negative():
+    with pytest.raises(ValueError, match="l2"):
+        output_kd_terms(_maps(0), _maps(1), kind="kl", cls_floor=4.6)
+    with pytest.raises(ValueError, match="floor"):
+        output_kd_terms(_maps(0), _maps(1), cls_floor=-1.0)
+    box0, obj0, cls0 = output_kd_terms(_maps(0), _maps(1))
+    box, obj, cls = output_kd_terms(_maps(0), _maps(1), cls_floor=4.6)
+    assert box == box0 and obj == obj0 and cls < cls0, "the floor changes the class term only"
+
+
 @pytest.mark.parametrize("kind", ["l2", "kl", "bce"])
 def test_identity_mapping_equals_plain(kind):
     s_maps, t_maps = _maps(10), _maps(11)

@@ -146,6 +146,10 @@ def test_kd_box_flag_reaches_config():
     assert kd_config_from_opt(parser.parse_args([])).box_loss == "l2"
     assert kd_config_from_opt(parser.parse_args(["--kd_obj_iou"])).obj_iou
     assert not kd_config_from_opt(parser.parse_args([])).obj_iou
+    assert kd_config_from_opt(parser.parse_args(["--kd_cls_floor", "4.6"])).cls_floor == 4.6
+    assert kd_config_from_opt(parser.parse_args([])).cls_floor == 0.0
+    with pytest.raises(ValueError, match="kd_cls_floor"):
+        kd_config_from_opt(parser.parse_args(["--kd_cls_floor", "4.6", "--kd_loss_selected", "kl"]))
     with pytest.raises(ValueError, match="kd_box"):
         KDConfig(box_loss="iou")
 

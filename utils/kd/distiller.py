@@ -23,6 +23,7 @@ class KDConfig:
         output_loss: output KD kind, 'l2', 'kl' or 'bce' (--kd_loss_selected).
         box_loss: box term of output KD, 'l2' or 'ciou' (--kd_box, utils.kd.losses.BOX_KD_KINDS).
         obj_iou: scale the objectness KD target by the student-teacher box CIoU (--kd_obj_iou).
+        cls_floor: l2 class KD counts class logits below -cls_floor as -cls_floor (--kd_cls_floor; 0: off).
         temperature: softmax temperature of 'kl'.
         alpha: weight of output KD; beta: weight of feature KD.
         feat_losses: feature losses from utils.kd.losses.FEATURE_LOSSES (empty = output KD only).
@@ -37,6 +38,7 @@ class KDConfig:
     output_loss: str = "l2"
     box_loss: str = "l2"
     obj_iou: bool = False
+    cls_floor: float = 0.0
     temperature: float = 20.0
     alpha: float = 1.0
     beta: float = 1.0
@@ -54,6 +56,9 @@ class KDConfig:
             raise ValueError(f"--kd_loss_selected {self.output_loss}: choose one of {', '.join(OUTPUT_KD_KINDS)}")
         if self.box_loss not in BOX_KD_KINDS:
             raise ValueError(f"--kd_box {self.box_loss}: choose one of {', '.join(BOX_KD_KINDS)}")
+        if self.cls_floor < 0 or (self.cls_floor > 0 and self.output_loss != "l2"):
+            raise ValueError(f"--kd_cls_floor {self.cls_floor}: a positive floor works with --kd_loss_selected l2 only "
+                             f"(0: off)")
         unknown = [f for f in self.feat_losses if f not in FEATURE_LOSSES]
         if unknown:
             raise ValueError(f"--feat_loss {' '.join(unknown)}: choose from {', '.join(FEATURE_LOSSES)} or none")

@@ -92,8 +92,10 @@ def _scaled_logit(t_obj, m):
     return t_obj + m.log() + log_q - log_rest
 
 
-def _class_elements(kind, s_cls, t_cls, temperature, student_mask):
-    """Per-element class loss (bs, na, ny, nx, nc_s) before objectness weighting."""
+def _class_elements(kind, s_cls, t_cls, temperature, student_mask, floor=0.0):
+    """Per-element class loss (bs, na, ny, nx, nc_s) before objectness weighting. floor > 0 ('l2' only): teacher
+    logits below -floor count as -floor, and so do the student's where the teacher's do, so a class both networks
+    rule out costs nothing while a student logit below a teacher's above the floor is still pulled up."""
     if kind == "kl":
         s_cls, t_cls = s_cls / temperature, t_cls / temperature
         if student_mask is not None:  # softmax over the mapped classes only
@@ -104,6 +106,9 @@ def _class_elements(kind, s_cls, t_cls, temperature, student_mask):
         return kl * temperature ** 2
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(s_cls, t_cls.sigmoid(), reduction="none")
+    if floor > 0:  # where the teacher is below the floor, so is the target, and a student below it is done
+        t_cls = t_cls.clamp(min=-floor)
+        s_cls = torch.where(t_cls > -floor, s_cls, s_cls.clamp(min=-floor))
     return (s_cls - t_cls).square()
 
 
@@ -136,7 +141,7 @@ def _cell_ciou(s_xywh, t_xywh, anchor_wh):
 
 
 def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, single_class=False, weighted=False,
-                 box_kind="l2", anchor_wh=None, obj_iou=False):
+                 box_kind="l2", anchor_wh=None, obj_iou=False, cls_floor=0.0):
     """(box, obj, cls) scalars for one level; index/masks are None without class mapping.
 
     weighted=False averages each term over the level's cells (bs * na * ny * nx); weighted=True divides box and cls
@@ -166,7 +171,7 @@ def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, sin
     if single_class:  # the student's one class has no teacher channel to learn from
         return box, obj, s.new_zeros(())
     t_cls = t[..., 5:] if index is None else t[..., 5:].index_select(-1, index.clamp(min=0))
-    elements = _class_elements(kind, s[..., 5:], t_cls, temperature, student_mask) * w[..., None]
+    elements = _class_elements(kind, s[..., 5:], t_cls, temperature, student_mask, cls_floor) * w[..., None]
     if student_mask is None:
         cls = _reduce(elements, w, elements.shape[-1], weighted)
     else:  # average over mapped classes only, so the term's scale does not shrink with fewer matches
@@ -190,7 +195,7 @@ def _reduce(elements, w, per_cell, weighted):
 
 
 def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=None, t_obj_scale=None,
-                    single_class=False, reduction="mean", box_kind="l2", anchors=None, obj_iou=False):
+                    single_class=False, reduction="mean", box_kind="l2", anchors=None, obj_iou=False, cls_floor=0.0):
     """Objectness-weighted output distillation, summed over detection levels.
 
     Per level with w = sigmoid(t_obj): box = mean((s_xywh - t_xywh)^2 * w); obj = mean((s_obj - t_obj)^2 * w);
@@ -232,6 +237,10 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
             max(CIoU(s_box, t_box), 0.01) (detached), as YOLOv5's detection loss scales its objectness target by the
             IoU of the predicted box with its label: the student is taught to be as confident as the teacher only
             where its box is as good as the teacher's.
+        cls_floor: 'l2' class term only. > 0: a teacher class logit below -cls_floor counts as -cls_floor, and so
+            does the student's there (its error is max(s, -cls_floor) + cls_floor); 0: off, the formula above. Most
+            of the l2 class error at a confident cell comes from classes both networks rule out (teacher logit -8,
+            student -5: sigmoids 0.0003 and 0.007); with a floor of 4.6 (sigmoid 0.01) those cost nothing.
 
     Returns:
         (box, obj, cls): float32 scalars.
@@ -259,6 +268,8 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
         raise ValueError(f"student has {nc_s} classes, teacher {nc_t}: pass t_cls_index (match_classes) or a "
                          f"--class_map file to say which teacher class teaches which student class"
                          f"{' (or single_class=True for a 1-class student)' if nc_s == 1 else ''}")
+    if cls_floor < 0 or (cls_floor > 0 and kind != "l2"):
+        raise ValueError(f"cls_floor {cls_floor}: a positive floor applies to the 'l2' class term only (0: off)")
     if (box_kind == "ciou" or obj_iou) and (anchors is None or len(anchors) != len(s_maps)):
         raise ValueError(f"box KD 'ciou' and obj_iou need Detect.anchors for each of the {len(s_maps)} levels")
     terms = []
@@ -268,7 +279,8 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
                              f"class dim; anchors per level, strides and input size must match")
         terms.append(_level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, single_class,
                                   weighted=reduction == "detection", box_kind=box_kind,
-                                  anchor_wh=None if anchors is None else anchors[i], obj_iou=obj_iou))
+                                  anchor_wh=None if anchors is None else anchors[i], obj_iou=obj_iou,
+                                  cls_floor=cls_floor))
     box, obj, cls = (sum(parts) for parts in zip(*terms))
     return box, obj, cls
 
