@@ -2,11 +2,11 @@
 and at 640 px?
 
 For each teacher->student pair and image size it runs one DistillationTask step (no optimizer step) per feature
-loss on the same batch of real shapes val images, and prints each weighted term (output KD box/obj/cls at
-alpha 1 with the engine's scaled gains, each feature loss at beta 1 averaged over the layer pairs train_kd.py uses,
-in the size-free form and with the weight, utils.kd.losses.LOSS_WEIGHTS, that training uses) divided by the
-detection loss (box + obj + cls) of that batch. A term whose ratio falls 10x between 128 and 640 px is one whose
---beta chosen at one size does little at the other.
+loss on the same batch of real shapes val images, and prints each weighted term divided by the detection loss
+(box + obj + cls) of that batch: output KD box (both forms, --kd_box l2 and ciou), obj and cls at alpha 1 with
+the engine's scaled gains, and each feature loss at beta 1 averaged over the layer pairs train_kd.py uses, in the
+size-free form and with the weight (utils.kd.losses.LOSS_WEIGHTS) that training uses. A term whose ratio falls
+10x between 128 and 640 px is one whose --beta chosen at one size does little at the other.
 
 Usage:
     python bench/kd_magnitudes.py                                  # s->n and m->s, 128/320/640 px, random init
@@ -89,10 +89,15 @@ def ratios(student, teacher, imgs, targets) -> dict:
         with torch.no_grad():
             _, items = task.train_step(task.trainable, imgs, targets)
         detection = float(items[:3].sum())
-        out.update({"kd_box": float(items[3]) / detection, "kd_obj": float(items[4]) / detection,
+        out.update({"kd_box (l2)": float(items[3]) / detection, "kd_obj": float(items[4]) / detection,
                     "kd_cls": float(items[5]) / detection, "detection": detection})
         out[f"{feature} (mean of {len(task.distiller.pairs)} pairs)"] = float(items[6]) / detection
-    return out
+    task = DistillationTask(student, teacher, KDConfig(box_loss="ciou"), [])  # the decoded-box form, --kd_box ciou
+    task.setup(SimpleNamespace(hyp=student.hyp))
+    task.on_epoch_start(0, 10)
+    with torch.no_grad():
+        _, items = task.train_step(task.trainable, imgs, targets)
+    return {"kd_box (l2)": out.pop("kd_box (l2)"), "kd_box (ciou)": float(items[3]) / float(items[:3].sum()), **out}
 
 
 def main(opt) -> dict:
