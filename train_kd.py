@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="objectness KD target: the teacher's objectness times the CIoU of the student's box with the "
                         "teacher's (as YOLOv5 scales its objectness target by the IoU with the label)")
     g.add_argument("--kd_cls_floor", "--kd-cls-floor", type=float, default=0.0,
-                   help="l2 class KD: class logits below -F count as -F for both networks, so classes both rule out "
-                        "cost nothing (0: off)")
+                   help="l2 class KD: a teacher class logit below -F counts as -F, and so does the student's there, "
+                        "so classes both networks rule out cost nothing (0: off; it lowered the gain on the demo)")
     g.add_argument("--temperature", type=float, default=20.0, help="softmax temperature of the kl output loss")
     g.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="weight of output KD")
     g.add_argument("--beta", type=float, default=DEFAULT_BETA,

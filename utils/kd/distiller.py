@@ -23,7 +23,8 @@ class KDConfig:
         output_loss: output KD kind, 'l2', 'kl' or 'bce' (--kd_loss_selected).
         box_loss: box term of output KD, 'l2' or 'ciou' (--kd_box, utils.kd.losses.BOX_KD_KINDS).
         obj_iou: scale the objectness KD target by the student-teacher box CIoU (--kd_obj_iou).
-        cls_floor: l2 class KD counts class logits below -cls_floor as -cls_floor (--kd_cls_floor; 0: off).
+        cls_floor: l2 class KD takes teacher class logits below -cls_floor, and the student's there, as -cls_floor
+            (--kd_cls_floor; 0: off).
         temperature: softmax temperature of 'kl'.
         alpha: weight of output KD; beta: weight of feature KD.
         feat_losses: feature losses from utils.kd.losses.FEATURE_LOSSES (empty = output KD only).

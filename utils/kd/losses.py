@@ -240,7 +240,8 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
         cls_floor: 'l2' class term only. > 0: a teacher class logit below -cls_floor counts as -cls_floor, and so
             does the student's there (its error is max(s, -cls_floor) + cls_floor); 0: off, the formula above. Most
             of the l2 class error at a confident cell comes from classes both networks rule out (teacher logit -8,
-            student -5: sigmoids 0.0003 and 0.007); with a floor of 4.6 (sigmoid 0.01) those cost nothing.
+            student -5: sigmoids 0.0003 and 0.007); with a floor of 4.6 (sigmoid 0.01) those cost nothing. On the
+            demo that lowered the distillation gain: the very negative logits are part of what class KD teaches.
 
     Returns:
         (box, obj, cls): float32 scalars.
