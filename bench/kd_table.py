@@ -243,7 +243,7 @@ def other_weights(cells: list) -> str:
     rows = []
     for (method, epochs, alpha, beta, flags), group in sorted(groups.items()):
         means = [statistics.mean(float(c[k]) for c in group) for k in ("map50", "map")]
-        rows.append((method, epochs, alpha or "-", beta or "-", ",".join(c["seed"] for c in group),
+        rows.append((method, epochs, alpha or "-", beta or "-", ",".join(sorted((c["seed"] for c in group), key=int)),
                      f"{means[0]:.3f}", f"{means[1]:.3f}", flags or "-"))
     header = ("method", "epochs", "alpha", "beta", "seeds", "mAP@.5", "mAP@.5:.95", "train args")
     return table(header, rows, left=(0, len(header) - 1)) if rows else ""

@@ -103,14 +103,14 @@ def test_kd_table_lists_cells_at_other_weights_apart(tmp_path):
     opt = kd_table.parse_opt(["--methods", "baseline", "output+pkd", "--seeds", "0", "1", "--csv",
                               str(tmp_path / "t.csv"), "--alpha", "0.1", "--beta", "0.25", "--table-only"])
     keys = [kd_table.cell_key(opt, "output+pkd", 0), kd_table.cell_key(opt, "output+pkd", 1)]
-    other = (*keys[0][:5], "0.05", "")  # seed 0 again, at beta 0.05
-    for key, m50 in ((keys[0], "0.30"), (keys[1], "0.34"), (other, "0.50"), (other[:1] + ("1",) + other[2:], "0.70")):
+    other = (*keys[0][:5], "0.05", "")  # seed 0 again, at beta 0.05; its seed 1 is written first
+    for key, m50 in ((keys[0], "0.30"), (keys[1], "0.34"), (other[:1] + ("1",) + other[2:], "0.70"), (other, "0.50")):
         kd_table.append_cell(opt.csv, {**dict.fromkeys(kd_table.FIELDS, ""), **dict(zip(kd_table.KEY, key)),
                                        "map50": m50, "map": "0.1"})
     main, _, rest = kd_table.main(opt).partition("other KD weights")
     assert f"0.320 +- {statistics.stdev([0.30, 0.34]):.3f}" in main and "0.600" not in main
     row = next(line for line in rest.splitlines() if line.startswith("output+pkd"))
-    assert row.split()[3:] == ["0.05", "0,1", "0.600", "0.100", "-"]
+    assert row.split()[3:] == ["0.05", "0,1", "0.600", "0.100", "-"], "seeds listed in order"
 
 
 def test_kd_table_refuses_a_run_folder_of_another_recipe(tmp_path, monkeypatch):
