@@ -74,30 +74,35 @@ def models(opt, t_size: str, s_size: str, imgsz: int, names) -> tuple:
     return student, teacher
 
 
-def ratios(student, teacher, imgs, targets) -> dict:
-    """{term: weighted term / detection loss} for one batch."""
-    from utils.kd.distiller import KDConfig
-    from utils.kd.task import DistillationTask, check_teacher, kd_pairs
+def _step(student, teacher, cfg, imgs, targets) -> tuple:
+    """One DistillationTask step without gradients: (loss items (7,), number of layer pairs)."""
+    from utils.kd.task import DistillationTask, kd_pairs
 
-    check_teacher(student, teacher)
-    out = {}
-    for feature in FEATURES:
-        cfg = KDConfig(feat_losses=(feature,))
-        task = DistillationTask(student, teacher, cfg, kd_pairs(student, teacher, cfg, imgsz=64))
-        task.setup(SimpleNamespace(hyp=student.hyp))
-        task.on_epoch_start(0, 10)
-        with torch.no_grad():
-            _, items = task.train_step(task.trainable, imgs, targets)
-        detection = float(items[:3].sum())
-        out.update({"kd_box (l2)": float(items[3]) / detection, "kd_obj": float(items[4]) / detection,
-                    "kd_cls": float(items[5]) / detection, "detection": detection})
-        out[f"{feature} (mean of {len(task.distiller.pairs)} pairs)"] = float(items[6]) / detection
-    task = DistillationTask(student, teacher, KDConfig(box_loss="ciou"), [])  # the decoded-box form, --kd_box ciou
+    task = DistillationTask(student, teacher, cfg, kd_pairs(student, teacher, cfg, imgsz=64))
     task.setup(SimpleNamespace(hyp=student.hyp))
     task.on_epoch_start(0, 10)
     with torch.no_grad():
         _, items = task.train_step(task.trainable, imgs, targets)
-    return {"kd_box (l2)": out.pop("kd_box (l2)"), "kd_box (ciou)": float(items[3]) / float(items[:3].sum()), **out}
+    return items, len(task.distiller.pairs)
+
+
+def ratios(student, teacher, imgs, targets) -> dict:
+    """{term: weighted term / detection loss} for one batch."""
+    from utils.kd.distiller import KDConfig
+    from utils.kd.task import check_teacher
+
+    check_teacher(student, teacher)
+    items, _ = _step(student, teacher, KDConfig(box_loss="ciou"), imgs, targets)  # the decoded-box form
+    ciou = float(items[3]) / float(items[:3].sum())
+    out = {}
+    for feature in FEATURES:
+        items, pairs = _step(student, teacher, KDConfig(feat_losses=(feature,)), imgs, targets)
+        detection = float(items[:3].sum())
+        out.update({"kd_box (l2)": float(items[3]) / detection, "kd_box (ciou)": ciou,
+                    "kd_obj": float(items[4]) / detection, "kd_cls": float(items[5]) / detection,
+                    "detection": detection})
+        out[f"{feature} (mean of {pairs} pairs)"] = float(items[6]) / detection
+    return out
 
 
 def main(opt) -> dict:
