@@ -232,6 +232,38 @@ def test_kd_obj_and_kd_cls_gains_weigh_only_their_own_term(tmp_path):
     torch.testing.assert_close(off[[0, 3]], base[[0, 3]], rtol=1e-4, atol=0)
 
 
+def test_kd_obj_end_and_kd_cls_end_are_scaled_like_the_gains_they_end():
+    hyp = {"box": 0.05, "obj": 1.0, "cls": 0.5, "kd_obj_end": 0.2, "kd_cls_end": 0.4}
+    scaled = scale_hyp_gains(hyp, 4, 20, 320)
+    assert scaled["kd_obj_end"] == pytest.approx(0.2 * 0.25 * 0.75)
+    assert scaled["kd_cls_end"] == pytest.approx(0.4 * 0.25 * 0.75)
+    assert "kd_cls_end" not in scale_hyp_gains({"box": 0.05, "obj": 1.0, "cls": 0.5}, 3, 80, 640)
+
+
+def test_kd_cls_end_and_kd_obj_end_move_their_gain_linearly_over_the_epochs(tmp_path):
+    from tests.test_kd_task import batch, make_task
+
+    task = make_task(feat_losses=("at",), tmp_path=tmp_path)
+    imgs, targets = batch()
+    hyp0 = dict(task.hyp)
+
+    def kd_items(epoch, **gains):
+        task.hyp = {**hyp0, **gains}
+        task.on_epoch_start(epoch, 5)
+        with torch.no_grad():
+            return task.train_step(task.trainable, imgs, targets)[1][3:]
+
+    unit = kd_items(0, kd_obj=1.0, kd_cls=1.0)  # the obj and cls terms at gain 1
+    assert torch.all(unit[1:3] > 0)
+    for epoch, frac in ((0, 0.0), (2, 0.5), (4, 1.0)):
+        moved = kd_items(epoch, kd_obj=1.0, kd_obj_end=0.0, kd_cls=1.0, kd_cls_end=0.25)
+        torch.testing.assert_close(moved[1], unit[1] * (1.0 - frac), rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(moved[2], unit[2] * (1.0 - 0.75 * frac), rtol=1e-4, atol=0)
+        torch.testing.assert_close(moved[[0, 3]], unit[[0, 3]], rtol=1e-4, atol=0)  # box and feature terms stay
+    # without an end value the gain stays where it starts
+    torch.testing.assert_close(kd_items(4, kd_obj=1.0, kd_cls=1.0), unit, rtol=1e-4, atol=0)
+
+
 def test_rejects_unknown_reduction():
     with pytest.raises(ValueError, match="reduction"):
         output_kd_terms([torch.zeros(1, 3, 2, 2, 8)], [torch.zeros(1, 3, 2, 2, 8)], reduction="sum")

@@ -25,7 +25,8 @@ def scale_hyp_gains(hyp, nl, nc, imgsz):
     box *= 3/nl; cls *= nc/80 * 3/nl; obj *= (imgsz/640)^2 * 3/nl. The input dict is not modified.
     The distillation gains ``giou`` (box, default: ``box``), ``kd_obj`` (default: ``obj``) and ``kd_cls`` (default:
     ``cls``) are scaled like box, obj and cls, so output KD (utils.kd.task) takes every gain from the scaled dict
-    with the detection loss's scaling.
+    with the detection loss's scaling. Their optional end values ``kd_obj_end`` and ``kd_cls_end`` (the gain at the
+    last epoch, see utils.kd.task.DistillationTask) are scaled like the gain they end.
     """
     scaled = dict(hyp)
     scaled["box"] = hyp["box"] * 3 / nl
@@ -34,6 +35,10 @@ def scale_hyp_gains(hyp, nl, nc, imgsz):
     scaled["kd_cls"] = hyp.get("kd_cls", hyp["cls"]) * nc / 80 * 3 / nl
     scaled["obj"] = hyp["obj"] * (imgsz / 640) ** 2 * 3 / nl
     scaled["kd_obj"] = hyp.get("kd_obj", hyp["obj"]) * (imgsz / 640) ** 2 * 3 / nl
+    if hyp.get("kd_cls_end") is not None:
+        scaled["kd_cls_end"] = hyp["kd_cls_end"] * nc / 80 * 3 / nl
+    if hyp.get("kd_obj_end") is not None:
+        scaled["kd_obj_end"] = hyp["kd_obj_end"] * (imgsz / 640) ** 2 * 3 / nl
     return scaled
 
 

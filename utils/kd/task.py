@@ -109,7 +109,9 @@ class DistillationTask(DetectionTask):
     obj x (imgsz/640)^2 x 3/nl; cls x nc/80 x 3/nl; see utils.loss.scale_hyp_gains) with the 'detection' reduction
     of output_kd_terms, and each feature loss is averaged over the layer pairs in its size-free form
     (losses.size_free), so the same alpha and beta mean the same at 128 and at 640 px and with any number of layer
-    pairs (bench/kd_magnitudes.py measures it).
+    pairs (bench/kd_magnitudes.py measures it). The optional hyp keys kd_obj_end and kd_cls_end give the objectness
+    and class gains at the last epoch: the gain then moves linearly from kd_obj (kd_cls) at the first epoch to its end
+    value at the last, a schedule for those two terms alone (--kd_schedule scales every KD term).
 
     The teacher runs once per step under no_grad in eval mode (fused, fp16 on CUDA) and is never wrapped in DDP;
     KD losses are computed in float32 outside no_grad so their gradients reach the student (and its adapters).
@@ -130,6 +132,7 @@ class DistillationTask(DetectionTask):
         self.t_obj_scale = t_cls_index is not None and needs_obj_scaling(t_cls_index, teacher.model[-1].nc)
         self.single_class = t_cls_index is None and model.model[-1].nc == 1 < teacher.model[-1].nc
         self.factor = 1.0
+        self.progress = 0.0  # epoch / (epochs - 1): where kd_obj and kd_cls stand between start and end gains
         self.hyp = {}
 
     @property
@@ -142,6 +145,7 @@ class DistillationTask(DetectionTask):
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         self.factor = self.cfg.weight(epoch, epochs)
+        self.progress = min(epoch / max(epochs - 1, 1), 1.0)
         self.teacher.eval()  # nothing may switch the teacher to train mode
 
     @torch.no_grad()
@@ -174,13 +178,19 @@ class DistillationTask(DetectionTask):
         hyp, cfg = self.hyp, self.cfg
         kd = hyp.get("kd", 1.0) * self.factor  # overall KD gain (hyp) x the epoch's schedule factor
         # kd_obj / kd_cls are optional hyp keys (scale_hyp_gains fills them in; a raw hyp file may lack them)
-        gains = hyp["giou"], hyp.get("kd_obj", hyp["obj"]), hyp.get("kd_cls", hyp["cls"])
+        gains = hyp["giou"], self.term_gain("kd_obj", "obj"), self.term_gain("kd_cls", "cls")
         out_terms = torch.stack((box * gains[0], obj * gains[1], cls * gains[2])) * (kd * cfg.alpha)
         feat = self.distiller.feature_loss(s_feats, t_feats, targets) * (kd * cfg.beta) \
             if s_feats else out_terms.new_zeros(())
         kd_items = torch.cat((out_terms, feat.reshape(1)))
         bs = imgs.shape[0]
         return loss + kd_items.sum() * bs, torch.cat((items, kd_items.detach()))
+
+    def term_gain(self, key: str, fallback: str) -> float:
+        """hyp[key] (default hyp[fallback]), moved linearly towards hyp[key + '_end'] by the epoch when that is set."""
+        start = self.hyp.get(key, self.hyp[fallback])
+        end = self.hyp.get(f"{key}_end")
+        return start if end is None else start + (end - start) * self.progress
 
     def state_dict(self) -> dict:
         adapters = {k: v.detach().cpu() for k, v in self.distiller.adapters.state_dict().items()}
