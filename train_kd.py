@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distil (default); --no-kd trains the student alone on the same engine")
     g.add_argument("--kd_loss_selected", "--kd-loss", choices=OUTPUT_KD_KINDS, default="l2",
                    help="output KD loss")
-    g.add_argument("--kd_box", "--kd-box", choices=BOX_KD_KINDS, default="l2",
-                   help="box term of output KD: l2 on raw xywh logits, or ciou (1 - CIoU of the decoded boxes)")
+    g.add_argument("--kd_box", "--kd-box", choices=BOX_KD_KINDS, default="ciou",
+                   help="box term of output KD: ciou (1 - CIoU of the decoded boxes, default) or l2 on raw xywh logits")
     g.add_argument("--kd_obj_iou", "--kd-obj-iou", action="store_true",
                    help="objectness KD target: the teacher's objectness times the CIoU of the student's box with the "
                         "teacher's (as YOLOv5 scales its objectness target by the IoU with the label)")

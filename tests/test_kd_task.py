@@ -142,8 +142,8 @@ def test_kd_box_flag_reaches_config():
     from utils.kd.task import kd_config_from_opt
 
     parser = train_kd.build_parser()
-    assert kd_config_from_opt(parser.parse_args(["--kd_box", "ciou"])).box_loss == "ciou"
-    assert kd_config_from_opt(parser.parse_args([])).box_loss == "l2"
+    assert kd_config_from_opt(parser.parse_args(["--kd_box", "l2"])).box_loss == "l2"
+    assert kd_config_from_opt(parser.parse_args([])).box_loss == "ciou"  # the default since the demo measured it
     assert kd_config_from_opt(parser.parse_args(["--kd_obj_iou"])).obj_iou
     assert not kd_config_from_opt(parser.parse_args([])).obj_iou
     assert kd_config_from_opt(parser.parse_args(["--kd_cls_floor", "4.6"])).cls_floor == 4.6
