@@ -28,17 +28,16 @@ def scale_hyp_gains(hyp, nl, nc, imgsz):
     with the detection loss's scaling. Their optional end values ``kd_obj_end`` and ``kd_cls_end`` (the gain at the
     last epoch, see utils.kd.task.DistillationTask) are scaled like the gain they end.
     """
+    factor = {"box": 3 / nl, "cls": nc / 80 * 3 / nl, "obj": (imgsz / 640) ** 2 * 3 / nl}
+    # each distillation gain: (the detection gain it scales like and falls back to, its optional end value)
+    kd_gains = {"giou": ("box", None), "kd_cls": ("cls", "kd_cls_end"), "kd_obj": ("obj", "kd_obj_end")}
     scaled = dict(hyp)
-    scaled["box"] = hyp["box"] * 3 / nl
-    scaled["giou"] = hyp.get("giou", hyp["box"]) * 3 / nl
-    scaled["cls"] = hyp["cls"] * nc / 80 * 3 / nl
-    scaled["kd_cls"] = hyp.get("kd_cls", hyp["cls"]) * nc / 80 * 3 / nl
-    scaled["obj"] = hyp["obj"] * (imgsz / 640) ** 2 * 3 / nl
-    scaled["kd_obj"] = hyp.get("kd_obj", hyp["obj"]) * (imgsz / 640) ** 2 * 3 / nl
-    if hyp.get("kd_cls_end") is not None:
-        scaled["kd_cls_end"] = hyp["kd_cls_end"] * nc / 80 * 3 / nl
-    if hyp.get("kd_obj_end") is not None:
-        scaled["kd_obj_end"] = hyp["kd_obj_end"] * (imgsz / 640) ** 2 * 3 / nl
+    for key, f in factor.items():
+        scaled[key] = hyp[key] * f
+    for key, (base, end) in kd_gains.items():
+        scaled[key] = hyp.get(key, hyp[base]) * factor[base]
+        if end and hyp.get(end) is not None:
+            scaled[end] = hyp[end] * factor[base]
     return scaled
 
 
