@@ -22,9 +22,17 @@ def test_no_adapters_when_not_needed_or_all_equal():
     assert len(build_adapters([16, 32], [16, 32])) == 0
 
 
+def test_adapters_only_at_the_pairs_flagged_as_needing_one():
+    adapters = build_adapters([16, 32, 64], [24, 48, 96], needed=[False, True, True])
+    assert list(adapters.keys()) == ["1", "2"]  # keys stay the pair index, so adapt(adapters, i, x) finds them
+    assert adapters["2"].conv.weight.shape == (96, 64, 1, 1)
+
+
 def test_length_mismatch_raises():
     with pytest.raises(ValueError, match="one count per layer pair"):
         build_adapters([16, 32], [16])
+    with pytest.raises(ValueError, match="2 flags for 3 layer pairs"):
+        build_adapters([16, 32, 64], [24, 48, 96], needed=[True, True])
 
 
 def test_adapt_applies_or_passes_through():

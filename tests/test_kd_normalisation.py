@@ -101,6 +101,28 @@ def test_feature_term_is_a_mean_over_pairs(name):
     assert repeated.item() == pytest.approx(single.item(), rel=1e-5)
 
 
+def test_attention_keeps_every_pair_beside_a_channel_loss():
+    """at + cwd: at averaged over all pairs, cwd over the pairs named in channel_names only, and adapters built
+    for those pairs alone."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(4, 6, 8), (4, 6, 4), (8, 12, 4)]  # (c_s, c_t, h = w) per pair; the first one is a backbone pair
+    s = [torch.randn(2, c, h, h, generator=g) for c, _, h in shapes]
+    t = [torch.randn(2, c, h, h, generator=g) for _, c, h in shapes]
+    adapted = [torch.randn(2, c, h, h, generator=g) for _, c, h in shapes]
+    pairs = [LayerPair(f"model.{i}", f"model.{i}", cs, ct, 8) for i, (cs, ct, _) in enumerate(shapes)]
+    distiller = Distiller(pairs, KDConfig(feat_losses=("at", "cwd")), channel_names={"model.1", "model.2"})
+    assert sorted(distiller.adapters.keys()) == ["1", "2"]
+    got = distiller.feature_loss(list(zip(s, adapted)), t, torch.zeros(0, 6))
+    # by hand: at is the squared distance of the unit attention maps per image, averaged over images, then pairs
+    at_terms = [(at_map(a) - at_map(b)).square().sum(1).mean().item() for a, b in zip(s, t)]
+    cwd_terms = []
+    for a, b in zip(adapted[1:], t[1:]):  # KL(teacher || student) of each channel's spatial softmax, per (image, channel)
+        p_t, log_s = F.softmax(b.flatten(2), -1), F.log_softmax(a.flatten(2), -1)
+        cwd_terms.append((p_t * (p_t.log() - log_s)).sum(-1).mean().item())
+    expected = LOSS_WEIGHTS["at"] * sum(at_terms) / 3 + LOSS_WEIGHTS["cwd"] * sum(cwd_terms) / 2
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_distiller_does_not_compute_the_plain_mimic_loss_it_would_discard():
     """mimic's size-free form comes from the maps alone, so the Distiller must not also run the plain MSE."""
     g = torch.Generator().manual_seed(6)

@@ -394,20 +394,30 @@ def test_teacher_required_message(shapes_data, tiny_cfgs, tmp_path):
 
 
 def test_kd_pairs_by_loss_kind(tmp_path):
-    """Adapter losses pair the 3 Detect inputs only; at/at_masked also the 4 backbone stages; none without
-    feature losses; explicit layers win."""
-    from utils.kd.task import kd_pairs
+    """Adapter losses pair the 3 Detect inputs only; at/at_masked also the 4 backbone stages, also beside an
+    adapter loss (which compares the Detect inputs only: channel_pair_names); none without feature losses;
+    explicit layers win (every loss at every pair)."""
+    from utils.kd.task import channel_pair_names, kd_pairs
 
     student = Model(tiny_model_cfg(3, 0.125))
     teacher = load_teacher(str(save_model(Model(tiny_model_cfg(3, 0.25)), tmp_path / "t.pt")), torch.device("cpu"))
     detect_inputs = [f"model.{i}" for i in student.model[-1].f]
     assert kd_pairs(student, teacher, KDConfig()) == []
-    at_pairs = kd_pairs(student, teacher, KDConfig(feat_losses=("at",)))
-    assert len(at_pairs) == 7 and [p.s_name for p in at_pairs[-3:]] == detect_inputs
-    for losses in (("cwd",), ("at", "mimic"), ("ft",)):
+    for losses in (("at",), ("at", "mimic"), ("cwd", "at_masked")):
+        pairs = kd_pairs(student, teacher, KDConfig(feat_losses=losses))
+        assert len(pairs) == 7 and [p.s_name for p in pairs[-3:]] == detect_inputs
+        assert [p.stride for p in pairs] == [4, 8, 16, 32, 8, 16, 32]
+        channel = channel_pair_names(student, KDConfig(feat_losses=losses), pairs)
+        assert channel == (None if losses == ("at",) else set(detect_inputs))
+    for losses in (("cwd",), ("pkd", "mimic"), ("ft",)):
         pairs = kd_pairs(student, teacher, KDConfig(feat_losses=losses))
         assert [p.s_name for p in pairs] == detect_inputs
         assert [p.stride for p in pairs] == [8, 16, 32]
-    manual = kd_pairs(student, teacher, KDConfig(feat_losses=("mimic",), s_layers=("model.4",),
-                                                 t_layers=("model.4",)))
+    manual_cfg = KDConfig(feat_losses=("mimic",), s_layers=("model.4",), t_layers=("model.4",))
+    manual = kd_pairs(student, teacher, manual_cfg)
     assert [(p.s_name, p.t_name) for p in manual] == [("model.4", "model.4")]
+    assert channel_pair_names(student, manual_cfg, manual) is None
+    cfg = KDConfig(feat_losses=("at", "cwd"))
+    task = DistillationTask(student, teacher, cfg, kd_pairs(student, teacher, cfg))
+    assert sorted(task.distiller.adapters.keys()) == ["4", "5", "6"]  # the Detect inputs, widths 0.125 vs 0.25
+    assert task.distiller.loss_pairs == {"at": list(range(7)), "cwd": [4, 5, 6]}

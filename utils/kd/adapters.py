@@ -36,7 +36,8 @@ def build_adapters(s_channels, t_channels, needed: bool = True) -> nn.ModuleDict
     Args:
         s_channels: student channels per pair, list[int].
         t_channels: teacher channels per pair, list[int] of the same length.
-        needed: False for losses that compare across channel counts (e.g. attention transfer): nothing is built.
+        needed: False for losses that compare across channel counts (e.g. attention transfer): nothing is built;
+            or one bool per pair (only pairs marked True get an adapter).
 
     Returns:
         nn.ModuleDict with a ChannelAdapter only at pairs with different counts (equal pairs have no entry).
@@ -45,11 +46,13 @@ def build_adapters(s_channels, t_channels, needed: bool = True) -> nn.ModuleDict
     if len(s_channels) != len(t_channels):
         raise ValueError(f"{len(s_channels)} student channel counts {s_channels} vs {len(t_channels)} teacher "
                          f"counts {t_channels}; pass one count per layer pair on each side")
+    wanted = [bool(needed)] * len(s_channels) if isinstance(needed, bool) else [bool(n) for n in needed]
+    if len(wanted) != len(s_channels):
+        raise ValueError(f"needed has {len(wanted)} flags for {len(s_channels)} layer pairs")
     adapters = nn.ModuleDict()
-    if needed:
-        for i, (c_s, c_t) in enumerate(zip(s_channels, t_channels)):
-            if c_s != c_t:
-                adapters[str(i)] = ChannelAdapter(c_s, c_t)
+    for i, (c_s, c_t, want) in enumerate(zip(s_channels, t_channels, wanted)):
+        if want and c_s != c_t:
+            adapters[str(i)] = ChannelAdapter(c_s, c_t)
     return adapters
 
 

@@ -106,15 +106,22 @@ class Distiller:
     Args:
         pairs: utils.kd.pairing.LayerPair list (s_name, t_name, s_channels, t_channels, stride).
         cfg: KDConfig.
+        channel_names: student layer names of the pairs that the channel-by-channel losses (ft, cwd, mimic, pkd,
+            through adapters) compare; None: every pair (utils.kd.task.channel_pair_names). Attention transfer
+            compares every pair.
     """
 
-    def __init__(self, pairs, cfg: KDConfig):
+    def __init__(self, pairs, cfg: KDConfig, channel_names=None):
         self.pairs = list(pairs) if cfg.feat_losses else []
         self.cfg = cfg
+        channelwise = [channel_names is None or p.s_name in channel_names for p in self.pairs]
         needs_adapter = any(f in NEEDS_ADAPTER for f in cfg.feat_losses)
         self.adapters = build_adapters([p.s_channels for p in self.pairs], [p.t_channels for p in self.pairs],
-                                       needed=needs_adapter)
+                                       needed=[needs_adapter and c for c in channelwise])
         self.losses = [(name, FEATURE_LOSSES[name]) for name in cfg.feat_losses]
+        # the pairs each loss compares (indices)
+        self.loss_pairs = {name: [i for i, c in enumerate(channelwise) if c or name not in NEEDS_ADAPTER]
+                           for name in cfg.feat_losses}
 
     @property
     def s_names(self) -> list:
@@ -125,9 +132,10 @@ class Distiller:
         return [p.t_name for p in self.pairs]
 
     def feature_loss(self, s_feats, t_feats, targets: torch.Tensor) -> torch.Tensor:
-        """Each feature loss averaged over the layer pairs, in its size-free form (losses.size_free), times its
-        weight (losses.LOSS_WEIGHTS); summed over the chosen losses. Adding or removing a layer pair therefore does
-        not change the term's scale.
+        """Each feature loss averaged over the layer pairs it compares (self.loss_pairs: every pair, except that
+        channel-by-channel losses skip pairs not marked channelwise), in its size-free form (losses.size_free),
+        times its weight (losses.LOSS_WEIGHTS); summed over the chosen losses. Adding or removing a layer pair
+        therefore does not change the term's scale.
 
         Args:
             s_feats: [(features (bs, c_s, h, w), adapted (bs, c_t, h, w))] from KDStudent.
@@ -136,8 +144,11 @@ class Distiller:
         """
         total = s_feats[0][0].new_zeros((), dtype=torch.float32)
         masks = {}
-        for (s, s_adapted), t in zip(s_feats, t_feats):
-            for name, fn in self.losses:
+        for name, fn in self.losses:
+            pairs = self.loss_pairs[name]
+            term = total.new_zeros(())
+            for i in pairs:
+                (s, s_adapted), t = s_feats[i], t_feats[i]
                 student = s_adapted if name in NEEDS_ADAPTER else s
                 if name in NEEDS_MASK:
                     bs, _, h, w = s.shape
@@ -150,8 +161,9 @@ class Distiller:
                     value = None  # size_free computes this one from the maps; the plain loss would be thrown away
                 else:
                     value = fn(student, t)
-                total = total + LOSS_WEIGHTS[name] * size_free(name, value, t, student)
-        return total / max(len(s_feats), 1)
+                term = term + size_free(name, value, t, student)
+            total = total + LOSS_WEIGHTS[name] * term / max(len(pairs), 1)
+        return total
 
     @staticmethod
     def keep_in_graph(s_feats) -> torch.Tensor:

@@ -9,7 +9,7 @@ from utils.general import LOGGER, colorstr
 from utils.kd.classmap import check_overlap, format_mapping_table, load_class_map, match_classes, needs_obj_scaling
 from utils.kd.distiller import Distiller, KDConfig, KDStudent
 from utils.kd.losses import NEEDS_ADAPTER, output_kd_terms
-from utils.kd.pairing import pair_layers
+from utils.kd.pairing import kd_layer_names, pair_layers
 from utils.kd.recorder import FeatureRecorder
 from utils.torch_utils import Precision
 
@@ -124,7 +124,7 @@ class DistillationTask(DetectionTask):
     def __init__(self, model: nn.Module, teacher: nn.Module, cfg: KDConfig, pairs, t_cls_index=None):
         super().__init__(model)
         self.teacher, self.cfg = teacher, cfg
-        self.distiller = Distiller(pairs, cfg)
+        self.distiller = Distiller(pairs, cfg, channel_pair_names(model, cfg, pairs))
         device = next(model.parameters()).device
         self.distiller.adapters.to(device)
         self.student = KDStudent(model, self.distiller.adapters, self.distiller.s_names)
@@ -211,21 +211,36 @@ class DistillationTask(DetectionTask):
         index = teacher_class_index(trainer.names, teacher.names, cfg.class_map, opt.data)
         check_teacher(model, teacher)  # float32 anchors: compared and copied before any fp16 cast
         pairs = kd_pairs(model, teacher, cfg, imgsz=trainer.gs * 2)
+        channel = channel_pair_names(model, cfg, pairs)
+        only = f" ({', '.join(f for f in cfg.feat_losses if f not in NEEDS_ADAPTER)} only)"
         for p in pairs:
             LOGGER.info(f"{colorstr('KD pair: ')}student {p.s_name} ({p.s_channels} ch) <- teacher {p.t_name} "
-                        f"({p.t_channels} ch), stride {p.stride}")
+                        f"({p.t_channels} ch), stride {p.stride}{only if channel and p.s_name not in channel else ''}")
         return cls(model, teacher_precision(teacher, trainer.precision), cfg, pairs, index)
 
 
 def kd_pairs(model: nn.Module, teacher: nn.Module, cfg: KDConfig, imgsz: int = 64) -> list:
-    """The layer pairs a KD run distils: none without feature losses, cfg.s_layers/t_layers when given, else
-    automatic pairing. Losses with adapters (ft, cwd, mimic) pair the 3 Detect inputs only, because an adapter per
-    backbone stage as well would cost ~15% of a student forward; at and at_masked (no adapters) also pair the 4
-    backbone stages."""
+    """The layer pairs a KD run distils: none without feature losses, cfg.s_layers/t_layers when given (every loss
+    at every pair), else automatic pairing. Losses with adapters (ft, cwd, mimic, pkd) compare the 3 Detect inputs
+    only, because an adapter per backbone stage as well would cost ~15% of a student forward; at and at_masked (no
+    adapters) also compare the 4 backbone stages, also when they run together with an adapter loss (which then
+    skips them: channel_pair_names)."""
     if not cfg.feat_losses:
         return []
-    groups = ("neck",) if any(f in NEEDS_ADAPTER for f in cfg.feat_losses) else ("backbone", "neck")
-    return pair_layers(model, teacher, cfg.s_layers, cfg.t_layers, imgsz=imgsz, groups=groups)
+    if cfg.s_layers or cfg.t_layers:
+        return pair_layers(model, teacher, cfg.s_layers, cfg.t_layers, imgsz=imgsz)
+    groups = ("neck",) if all(f in NEEDS_ADAPTER for f in cfg.feat_losses) else ("backbone", "neck")
+    return pair_layers(model, teacher, imgsz=imgsz, groups=groups)
+
+
+def channel_pair_names(model: nn.Module, cfg: KDConfig, pairs) -> set | None:
+    """Student layers of the pairs that channel-by-channel losses (ft, cwd, mimic, pkd) compare when they run
+    beside attention transfer with automatic pairing: the Detect inputs (kd_pairs adds the backbone stages for
+    attention transfer only). None (every pair) otherwise: explicit layers, or one kind of loss only."""
+    adapter_losses = [f in NEEDS_ADAPTER for f in cfg.feat_losses]
+    if cfg.s_layers or cfg.t_layers or all(adapter_losses) or not any(adapter_losses):
+        return None
+    return {p.s_name for p in pairs} & set(kd_layer_names(model)["neck"])
 
 
 def kd_config_from_opt(opt) -> KDConfig:
