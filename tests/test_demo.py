@@ -67,6 +67,14 @@ def _kd_table():
     return kd_table
 
 
+def test_kd_table_runs_the_variants_on_request_only(tmp_path):
+    kd_table = _kd_table()
+    assert kd_table.parse_opt([]).methods == ["baseline", "output", "output+at", "output+cwd", "output+pkd",
+                                              "output+mimic", "output+at+cwd"]
+    opt = kd_table.parse_opt(["--methods", "output+at+pkd", "output+at_masked"])
+    assert [kd_table.METHODS[m] for m in opt.methods] == [("at", "pkd"), ("at_masked",)]
+
+
 def test_kd_table_summary_by_hand(tmp_path):
     kd_table = _kd_table()
     cells = [dict(method="baseline", map50="0.20", map="0.10"), dict(method="baseline", map50="0.24", map="0.12"),
