@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import re
 import shlex
@@ -143,10 +144,17 @@ def train_overrides(opt) -> dict:
     return changed
 
 
+MAX_FLAGS_IN_NAME = 120  # characters of --train-args kept in a run folder's name; longer ones end in a hash
+
+
 def cell_name(opt, method: str, seed: int) -> str:
     kd = "" if METHODS[method] is None else f"_a{opt.alpha:g}_b{opt.beta:g}"
     if kd and _flags(opt):  # --train-args, made file-name safe
-        kd += "_" + re.sub(r"[^A-Za-z0-9.]+", "-", _flags(opt)).strip("-")
+        flags = re.sub(r"[^A-Za-z0-9.]+", "-", _flags(opt)).strip("-")
+        if len(flags) > MAX_FLAGS_IN_NAME:  # a long layer list would pass the file system's 255-byte name limit
+            digest = hashlib.sha1(flags.encode()).hexdigest()[:10]
+            flags = f"{flags[:MAX_FLAGS_IN_NAME - 11]}-{digest}"
+        kd += "_" + flags
     return f"{method.replace('+', '_')}_s{seed}_{opt.imgsz}px_e{opt.epochs}{kd}"
 
 

@@ -169,6 +169,24 @@ def test_kd_table_train_args_make_their_own_cells(tmp_path, monkeypatch):
         kd_table.train_overrides(kd_table.parse_opt(argv + ["--train-args", "--beta 2"]))
 
 
+def test_kd_table_names_a_cell_with_a_long_layer_list_within_the_file_name_limit(tmp_path):
+    """A layer list in --train-args used to give a run folder name past 255 bytes (OSError: File name too long)."""
+    kd_table = _kd_table()
+    argv = ["--methods", "output+at", "--seeds", "0", "--epochs", "120", "--csv", str(tmp_path / "t.csv"),
+            "--project", str(tmp_path / "runs")]
+    layers = " ".join(f"model.{i}" for i in range(1, 24))
+    names = []
+    for teacher_layers in (layers, layers.replace("model.23", "model.22")):
+        opt = kd_table.parse_opt(argv + ["--train-args", f"--kd_layers {layers} --teacher_kd_layers {teacher_layers}"])
+        name = kd_table.cell_name(opt, "output+at", 0)
+        assert len(name.encode()) < 255
+        (tmp_path / "runs" / name).mkdir(parents=True)  # the file system takes it
+        names.append(name)
+    assert names[0] != names[1]  # lists that differ only at the end still get their own folders
+    short = kd_table.parse_opt(argv + ["--train-args", "--kd_schedule cos"])
+    assert kd_table.cell_name(short, "output+at", 0).endswith("_kd-schedule-cos")  # short ones keep the plain form
+
+
 def test_kd_table_reads_and_extends_a_csv_from_before_train_args(tmp_path):
     kd_table = _kd_table()
     path = tmp_path / "old.csv"
