@@ -20,6 +20,7 @@ Usage:
     python bench/kd_table.py                               # 128 px, 60 epochs, seeds 0 1 2, all methods
     python bench/kd_table.py --imgsz 256 --methods baseline output+at output+pkd --csv bench/results/kd_table_256.csv
     python bench/kd_table.py --methods output+at --seeds 0 --train-args "--kd_schedule cos"   # a variant, kept apart
+    python bench/kd_table.py --methods baseline --seeds 0 --baseline-args "--hyp my_hyp.yaml"   # baseline variant
     python bench/kd_table.py --table-only                  # print the table of the cells done so far
     python bench/kd_table.py --epochs 1 --seeds 0 --csv /tmp/t.csv --project /tmp/kdt    # smoke run
 """
@@ -69,6 +70,9 @@ def parse_opt(argv=None) -> argparse.Namespace:
     p.add_argument("--train-args", default="", help="extra train_kd.py flags for every KD cell (quoted), e.g. "
                    "\"--kd_loss_selected bce\" (a single flag: --train-args=--rect); part of each cell's key, so such "
                    "cells are listed apart")
+    p.add_argument("--baseline-args", default="", help="extra train.py flags for every baseline cell (quoted), e.g. "
+                   "\"--hyp bench/hyps/hyp.demo.lr0.002.yaml\" to give the student alone the same change as a KD "
+                   "variant; part of the baseline cells' key, and the main table then compares against them")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--csv", default="", help="default: bench/results/kd_table_<imgsz>.csv")
     p.add_argument("--project", default=str(ROOT / "runs/kd_table"))
@@ -114,7 +118,7 @@ def append_cell(path: Path, row: dict) -> None:
 def cell_key(opt, method: str, seed: int) -> tuple:
     """(method, seed, imgsz, epochs, alpha, beta, train_args) as the CSV stores them; the baseline has no KD
     weights or KD flags."""
-    kd = ("", "", "") if METHODS[method] is None else (f"{opt.alpha:g}", f"{opt.beta:g}", _flags(opt))
+    kd = ("", "", _flags(opt, method)) if METHODS[method] is None else (f"{opt.alpha:g}", f"{opt.beta:g}", _flags(opt))
     return (method, str(seed), str(opt.imgsz), str(opt.epochs), *kd)
 
 
@@ -123,23 +127,34 @@ OWN_FLAGS = ("kd", "teacher_weight", "alpha", "beta", "feat_loss", "seed", "imgs
              "project", "name", "resume")
 
 
-def _flags(opt) -> str:
-    """--train-args in one normal form (the CSV key and the run folder name depend on it)."""
-    return " ".join(shlex.split(opt.train_args))
+def _raw_flags(opt, method: str = "output") -> str:
+    """The extra flags a cell of this method gets: --baseline-args for the baseline, --train-args for KD cells."""
+    return opt.baseline_args if METHODS[method] is None else opt.train_args
 
 
-def train_overrides(opt) -> dict:
-    """train_kd.py settings that --train-args changes from their defaults (refusing the ones the table sets)."""
+def _flags(opt, method: str = "output") -> str:
+    """A cell's extra flags in one normal form (the CSV key and the run folder name depend on it)."""
+    return " ".join(shlex.split(_raw_flags(opt, method)))
+
+
+def train_overrides(opt, method: str = "output") -> dict:
+    """Settings that a cell's extra flags change from their defaults (refusing the ones the table sets): train_kd.py
+    flags for KD cells, train.py flags for the baseline (a KD flag there would change nothing and is refused)."""
     import train
     import train_kd
 
-    parser = train_kd.build_parser()
+    kd = METHODS[method] is not None
+    option = "--train-args" if kd else "--baseline-args"
+    parser = train_kd.build_parser() if kd else train.build_parser()
     defaults = vars(train.parse_opt([], parser))
-    given = vars(train.parse_opt(shlex.split(opt.train_args), parser))
+    try:
+        given = vars(train.parse_opt(shlex.split(_raw_flags(opt, method)), parser))
+    except SystemExit:
+        raise SystemExit(f"{option} {_raw_flags(opt, method)!r}: not {'train_kd.py' if kd else 'train.py'} flags")
     changed = {k: v for k, v in given.items() if v != defaults[k]}
     clash = sorted(set(changed) & set(OWN_FLAGS))
     if clash:
-        raise SystemExit(f"--train-args may not set {', '.join(clash)}: kd_table sets them per cell (use its own "
+        raise SystemExit(f"{option} may not set {', '.join(clash)}: kd_table sets them per cell (use its own "
                          f"--alpha, --beta, --methods, --seeds, --imgsz, --epochs, --cfg, --teacher)")
     return changed
 
@@ -149,8 +164,8 @@ MAX_FLAGS_IN_NAME = 120  # characters of --train-args kept in a run folder's nam
 
 def cell_name(opt, method: str, seed: int) -> str:
     kd = "" if METHODS[method] is None else f"_a{opt.alpha:g}_b{opt.beta:g}"
-    if kd and _flags(opt):  # --train-args, made file-name safe
-        flags = re.sub(r"[^A-Za-z0-9.]+", "-", _flags(opt)).strip("-")
+    if _flags(opt, method):  # --train-args (--baseline-args), made file-name safe
+        flags = re.sub(r"[^A-Za-z0-9.]+", "-", _flags(opt, method)).strip("-")
         if len(flags) > MAX_FLAGS_IN_NAME:  # a long layer list would pass the file system's 255-byte name limit
             digest = hashlib.sha1(flags.encode()).hexdigest()[:10]
             flags = f"{flags[:MAX_FLAGS_IN_NAME - 11]}-{digest}"
@@ -168,7 +183,7 @@ def cell_recipe(opt, method: str, seed: int, teacher) -> dict:
     kd = feats is not None
     return dict(method=method, seed=seed, imgsz=opt.imgsz, epochs=opt.epochs, student=Path(opt.cfg).name,
                 alpha=opt.alpha if kd else None, beta=opt.beta if kd and feats else None,
-                teacher=str(Path(teacher).resolve()) if kd else None, train_args=_flags(opt) if kd else "",
+                teacher=str(Path(teacher).resolve()) if kd else None, train_args=_flags(opt, method),
                 loss_weights={f: LOSS_WEIGHTS[f] for f in feats or ()})
 
 
@@ -210,7 +225,7 @@ def train_cell(opt, teacher: Path, method: str, seed: int) -> tuple[Path, float]
         feats = METHODS[method]
         kd = feats is not None
         demo.train_student(demo_opt(opt, feats or (), seed), name, teacher if kd else None,
-                           overrides=train_overrides(opt) if kd else None)
+                           overrides=train_overrides(opt, method) or None)
     return best, time.perf_counter() - start
 
 
@@ -281,7 +296,8 @@ def main(opt) -> str:
     args = demo_opt(opt)
     teacher = None
     if not opt.table_only:
-        train_overrides(opt)  # a bad --train-args stops here, not after the first cells
+        for method in {"output" if METHODS[m] is not None else m for m in opt.methods}:
+            train_overrides(opt, method)  # bad extra flags stop here, not after the first cells
         for seed in opt.seeds:
             for method in opt.methods:
                 key = cell_key(opt, method, seed)
@@ -300,6 +316,7 @@ def main(opt) -> str:
     wanted = {cell_key(opt, m, s) for m in METHODS for s in {c["seed"] for c in cells}}
     chosen = [c for c in cells if tuple(c[f] for f in KEY) in wanted]
     flags = f", train args '{_flags(opt)}'" if _flags(opt) else ""
+    flags += f", baseline args '{_flags(opt, 'baseline')}'" if _flags(opt, "baseline") else ""
     text = (f"student {Path(opt.cfg).stem}, {opt.imgsz} px, {opt.epochs} epochs, alpha {opt.alpha:g}, "
             f"beta {opt.beta:g}{flags} ({opt.csv.name})\n" + summary(chosen, teacher_scores))
     others = other_weights([c for c in cells if c["method"] != "teacher" and c not in chosen])

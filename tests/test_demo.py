@@ -169,6 +169,43 @@ def test_kd_table_train_args_make_their_own_cells(tmp_path, monkeypatch):
         kd_table.train_overrides(kd_table.parse_opt(argv + ["--train-args", "--beta 2"]))
 
 
+def test_kd_table_baseline_args_make_their_own_baseline_cells(tmp_path, monkeypatch):
+    """--baseline-args reach the baseline's training (train.py flags only), key its cells and run folders apart, and
+    the main table compares the KD cells against the baseline cells of the same --baseline-args."""
+    kd_table = _kd_table()
+    argv = ["--methods", "baseline", "output+at", "--seeds", "0", "--csv", str(tmp_path / "t.csv"),
+            "--project", str(tmp_path / "runs")]
+    opt = kd_table.parse_opt(argv + ["--baseline-args", "--hyp  my_hyp.yaml", "--train-args", "--kd_schedule cos"])
+    plain = kd_table.parse_opt(argv)
+    assert kd_table.cell_key(opt, "baseline", 0)[4:] == ("", "", "--hyp my_hyp.yaml")
+    assert kd_table.cell_key(plain, "baseline", 0)[4:] == ("", "", "")
+    assert kd_table.cell_key(opt, "output+at", 0)[-1] == "--kd_schedule cos"  # KD cells keep their own flags
+    assert kd_table.cell_name(opt, "baseline", 0) != kd_table.cell_name(plain, "baseline", 0)
+    calls = {}
+    monkeypatch.setattr("demo.train_student",
+                        lambda opt_, name, teacher, overrides=None: calls.update({name: (teacher, overrides)}))
+    kd_table.train_cell(opt, tmp_path / "t.pt", "baseline", 0)
+    assert calls[kd_table.cell_name(opt, "baseline", 0)] == (None, {"hyp": "my_hyp.yaml"})
+    for bad in ("--kd_schedule cos", "--seed 3"):  # a KD flag (train.py has none) and one the table sets
+        with pytest.raises(SystemExit, match="--baseline-args"):
+            kd_table.train_overrides(kd_table.parse_opt(argv + ["--baseline-args", bad]), "baseline")
+    cells = [("baseline", "", "0.20", "0.10"), ("baseline", "--hyp my_hyp.yaml", "0.30", "0.20"),
+             ("output+at", "--kd_schedule cos", "0.55", "0.38")]
+    for method, flags, m50, m in cells:
+        key = kd_table.cell_key(opt, method, 0)[:6] + (flags,)
+        kd_table.append_cell(opt.csv, {**dict.fromkeys(kd_table.FIELDS, ""), **dict(zip(kd_table.KEY, key)),
+                                       "map50": m50, "map": m})
+    kd_table.append_cell(opt.csv, {**dict.fromkeys(kd_table.FIELDS, ""), "method": "teacher", "map50": "0.80",
+                                   "map": "0.60", "teacher": "t.pt"})
+    main = kd_table.main(kd_table.parse_opt([*argv, "--table-only", "--baseline-args", "--hyp my_hyp.yaml",
+                                             "--train-args", "--kd_schedule cos"])).split("other KD weights")[0]
+    baseline_row = next(line for line in main.splitlines() if line.startswith("baseline"))
+    assert "0.300" in baseline_row and "0.200" in baseline_row  # the --baseline-args cell, not the plain one
+    # gap closed by hand: (0.55 - 0.30) / (0.80 - 0.30) = 50%, (0.38 - 0.20) / (0.60 - 0.20) = 45%
+    at_row = next(line for line in main.splitlines() if line.startswith("output+at"))
+    assert at_row.split()[-2:] == ["50%", "45%"]
+
+
 def test_kd_table_names_a_cell_with_a_long_layer_list_within_the_file_name_limit(tmp_path):
     """A layer list in --train-args used to give a run folder name past 255 bytes (OSError: File name too long)."""
     kd_table = _kd_table()
