@@ -117,9 +117,9 @@ def append_cell(path: Path, row: dict) -> None:
 
 def cell_key(opt, method: str, seed: int) -> tuple:
     """(method, seed, imgsz, epochs, alpha, beta, train_args) as the CSV stores them; the baseline has no KD
-    weights or KD flags."""
-    kd = ("", "", _flags(opt, method)) if METHODS[method] is None else (f"{opt.alpha:g}", f"{opt.beta:g}", _flags(opt))
-    return (method, str(seed), str(opt.imgsz), str(opt.epochs), *kd)
+    weights, and its train_args are --baseline-args."""
+    weights = ("", "") if METHODS[method] is None else (f"{opt.alpha:g}", f"{opt.beta:g}")
+    return (method, str(seed), str(opt.imgsz), str(opt.epochs), *weights, _flags(opt, method))
 
 
 # flags the table sets per cell itself: --train-args may not change them
@@ -128,7 +128,8 @@ OWN_FLAGS = ("kd", "teacher_weight", "alpha", "beta", "feat_loss", "seed", "imgs
 
 
 def _raw_flags(opt, method: str = "output") -> str:
-    """The extra flags a cell of this method gets: --baseline-args for the baseline, --train-args for KD cells."""
+    """The extra flags a cell of this method gets: --baseline-args for the baseline, --train-args for KD cells (the
+    default method stands for any KD method)."""
     return opt.baseline_args if METHODS[method] is None else opt.train_args
 
 
@@ -296,7 +297,7 @@ def main(opt) -> str:
     args = demo_opt(opt)
     teacher = None
     if not opt.table_only:
-        for method in {"output" if METHODS[m] is not None else m for m in opt.methods}:
+        for method in opt.methods:
             train_overrides(opt, method)  # bad extra flags stop here, not after the first cells
         for seed in opt.seeds:
             for method in opt.methods:
