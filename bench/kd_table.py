@@ -134,8 +134,15 @@ def _raw_flags(opt, method: str = "output") -> str:
 
 
 def _flags(opt, method: str = "output") -> str:
-    """A cell's extra flags in one normal form (the CSV key and the run folder name depend on it)."""
-    return " ".join(shlex.split(_raw_flags(opt, method)))
+    """A cell's extra flags in one normal form (the CSV key and the run folder name depend on it): shell words joined
+    by single spaces, and `--flag=value` written `--flag value` (argparse reads both the same)."""
+    words = []
+    for word in shlex.split(_raw_flags(opt, method)):
+        if word.startswith("--") and "=" in word:
+            words.extend(word.split("=", 1))
+        else:
+            words.append(word)
+    return " ".join(words)
 
 
 def train_overrides(opt, method: str = "output") -> dict:

@@ -180,6 +180,10 @@ def test_kd_table_baseline_args_make_their_own_baseline_cells(tmp_path, monkeypa
     assert kd_table.cell_key(opt, "baseline", 0)[4:] == ("", "", "--hyp my_hyp.yaml")
     assert kd_table.cell_key(plain, "baseline", 0)[4:] == ("", "", "")
     assert kd_table.cell_key(opt, "output+at", 0)[-1] == "--kd_schedule cos"  # KD cells keep their own flags
+    for spelling in ("--hyp=my_hyp.yaml", " --hyp   'my_hyp.yaml' "):  # what argparse reads alike keys alike
+        same = kd_table.parse_opt(argv + [f"--baseline-args={spelling}"])
+        assert kd_table.cell_key(same, "baseline", 0) == kd_table.cell_key(opt, "baseline", 0)
+        assert kd_table.cell_name(same, "baseline", 0) == kd_table.cell_name(opt, "baseline", 0)
     assert kd_table.cell_name(opt, "baseline", 0) != kd_table.cell_name(plain, "baseline", 0)
     calls = {}
     monkeypatch.setattr("demo.train_student",
