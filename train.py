@@ -101,7 +101,8 @@ def _log_precision(precision, device, requested) -> None:
     """Say once what the run computes in, and warn when --amp forces bf16 on a CPU that only emulates it."""
     native = cpu_has_native_bf16() if device.type == "cpu" else None
     where = f", native bf16: {'yes' if native else 'no'}" if native is not None else ""
-    LOGGER.info(f"{colorstr('precision:')} {precision.name}{' autocast, channels_last' if precision.enabled else ''} "
+    layout = ", channels_last" if precision.channels_last else ""
+    LOGGER.info(f"{colorstr('precision:')} {precision.name}{' autocast' if precision.enabled else ''}{layout} "
                 f"on {device.type} ({'--amp/--no-amp' if requested is not None else 'automatic'}{where})")
     if requested and native is False:
         LOGGER.warning("WARNING: --amp on a CPU without native bfloat16 (AVX512-BF16/AMX): bf16 is emulated there "

@@ -129,7 +129,7 @@ def _prepare(data, weights, model, dataloader, device, half, imgsz, batch_size, 
         tune_cpu_allocator(device)
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
         model = _load_model(weights, device, half, data, single_cls)
-        if cpu_bf16:  # the layout bf16 kernels are fast in, as in training
+        if device.type == "cpu":  # the layout the CPU's convolutions are fastest in (bf16 and float32), as in training
             model = model.to(memory_format=torch.channels_last)
     if dataloader is None:
         gs = max(int(model.stride.max()), 32)

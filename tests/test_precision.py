@@ -27,9 +27,10 @@ def test_automatic_choice_follows_native_bf16(monkeypatch, native):
     auto = select_precision(CPU)
     assert auto.enabled is native
     assert auto.dtype == (torch.bfloat16 if native else None)
-    assert auto.channels_last is native  # float32 CPUs keep the default layout: no change, no slowdown
+    assert auto.channels_last  # the CPU's fast layout in bf16 and in float32 alike (bench/layout.py)
     assert auto.name == ("bf16" if native else "fp32")
     assert select_precision(CPU, False).enabled is False  # --no-amp
+    assert select_precision(CPU, False).channels_last  # float32, still in the fast layout
     assert select_precision(CPU, True).dtype == torch.bfloat16  # --amp forces it (warned where emulated)
 
 
@@ -37,6 +38,7 @@ def test_cuda_uses_fp16_autocast():
     cuda = select_precision(torch.device("cuda", 0))
     assert cuda.dtype == torch.float16 and cuda.channels_last and cuda.device_type == "cuda"
     assert not select_precision(torch.device("cuda", 0), False).enabled
+    assert not select_precision(torch.device("cuda", 0), False).channels_last  # float32 CUDA: default layout
 
 
 def test_native_bf16_probe_reads_cpu_flags(monkeypatch, tmp_path):
@@ -139,7 +141,7 @@ def test_teacher_runs_in_the_run_precision(tmp_path):
         task.setup(SimpleNamespace(hyp=student.hyp))
         weight = task.teacher.model[0].conv.weight
         assert weight.dtype == dtype
-        assert weight.is_contiguous(memory_format=torch.channels_last) is amp
+        assert weight.is_contiguous(memory_format=torch.channels_last)  # the run's layout, float32 included
         maps, feats = task.teacher_forward(torch.rand(2, 3, 64, 64))
         assert maps[0].dtype == dtype and feats[0].dtype == dtype
         with trainer.precision.autocast():
@@ -147,6 +149,30 @@ def test_teacher_runs_in_the_run_precision(tmp_path):
             loss, items = task.train_step(task.trainable, trainer.precision.to_input(torch.rand(2, 3, 64, 64)),
                                           torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.3]]))
         assert loss.dtype == torch.float32 and torch.isfinite(items).all()
+
+
+def test_float32_cpu_step_runs_channels_last(shapes_data, tiny_cfgs, tmp_path):
+    from tests.test_engine import batch, make_trainer
+
+    trainer = make_trainer(shapes_data, tiny_cfgs["student"], tmp_path, amp=False)
+    assert trainer.precision.dtype is None
+    assert trainer.model.model[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert trainer.precision.to_input(batch()[0]).is_contiguous(memory_format=torch.channels_last)
+    imgs, targets = batch()
+    assert trainer.forward_backward(trainer.precision.to_input(imgs), targets) is not None
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_teacher_layout_follows_the_run(channels_last):
+    from utils.kd.task import teacher_precision
+    from utils.torch_utils import Precision
+
+    teacher = teacher_precision(Model(tiny_model_cfg(3, 0.25)), Precision("cpu", None, channels_last=channels_last))
+    weight = teacher.model[0].conv.weight
+    assert weight.dtype == torch.float32
+    assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
+    assert weight.is_contiguous() is not channels_last
 
 
 @pytest.mark.parametrize("native", [True, False])

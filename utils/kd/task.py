@@ -37,11 +37,13 @@ def load_teacher(weights, device: torch.device) -> nn.Module:
 
 
 def teacher_precision(teacher: nn.Module, precision: Precision) -> nn.Module:
-    """The teacher in the run's reduced precision, channels_last: fp16 on CUDA, bf16 on CPUs with native bf16
-    (its weights are cast, not autocast: it never trains). Float32 when the run is float32. Call after
-    check_teacher and layer pairing."""
+    """The teacher in the run's precision and memory format: fp16 on CUDA, bf16 on CPUs with native bf16 (its
+    weights are cast, not autocast: it never trains), float32 when the run is float32; channels_last when the
+    run's is. Call after check_teacher and layer pairing."""
     if precision.enabled:
-        teacher = teacher.to(precision.dtype).to(memory_format=torch.channels_last)
+        teacher = teacher.to(precision.dtype)
+    if precision.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
     return teacher
 
 
