@@ -50,6 +50,12 @@ def test_teacher_weight_flag_wins(tmp_path, monkeypatch):
     assert demo.find_teacher(demo.parse_opt(["--teacher-weight", "x.pt"])) == Path("x.pt")
 
 
+def test_demo_caches_training_images_unless_told_not_to():
+    assert demo.common_args(demo.parse_opt([]), 60)["cache"] == "ram"
+    assert demo.common_args(demo.parse_opt(["--cache", "none"]), 60)["cache"] is None
+    assert demo.common_args(demo.parse_opt(["--cache", "disk"]), 60)["cache"] == "disk"
+
+
 def test_ship_record_command_reproduces_the_run():
     import ship_demo_teacher
 

@@ -99,6 +99,31 @@ def test_warmup_floor_and_clip_norm_are_hyp_keys_recorded_in_the_run(shapes_data
     assert calls == [10.0]
 
 
+def test_ema_decay_and_ramp_are_hyp_keys(shapes_data, tiny_cfgs, tmp_path):
+    import math
+
+    hyp = yaml_load(ROOT / "data" / "hyps" / "hyp.scratch.yaml")
+    default = make_trainer(shapes_data, tiny_cfgs["student"], tmp_path, name="default")
+    recorded = yaml_load(Path(default.opt.save_dir) / "hyp.yaml")
+    assert recorded["ema_decay"] == 0.9999 and recorded["ema_tau"] == 2000  # YOLOv5 v6.0's constants
+    assert default.ema.decay_at(2000) == pytest.approx(0.9999 * (1 - math.exp(-1)))
+
+    custom = make_trainer(shapes_data, tiny_cfgs["student"], tmp_path, name="custom",
+                          hyp={**hyp, "ema_decay": 0.99, "ema_tau": 10})
+    assert yaml_load(Path(custom.opt.save_dir) / "hyp.yaml")["ema_decay"] == 0.99
+    name, before = next((k, v.clone()) for k, v in custom.ema.ema.state_dict().items() if k.endswith("conv.weight"))
+    with torch.no_grad():
+        for param in custom.model.parameters():
+            param.add_(1.0)
+    target = custom.model.state_dict()[name].clone()
+    custom.ema.update(custom.model)
+    d = 0.99 * (1 - math.exp(-1 / 10))  # first update: the ramp by hand
+    assert torch.allclose(custom.ema.ema.state_dict()[name], d * before + (1 - d) * target, atol=1e-6)
+
+    with pytest.raises(ValueError, match="ema_decay"):
+        make_trainer(shapes_data, tiny_cfgs["student"], tmp_path, name="bad", hyp={**hyp, "ema_decay": 1.0})
+
+
 def test_demo_hyp_sets_the_later_behaviours():
     hyp = yaml_load(ROOT / "data" / "hyps" / "hyp.demo.yaml")
     assert hyp["warmup_min_iters"] == 100 and hyp["grad_clip_norm"] == 10.0

@@ -33,7 +33,10 @@ MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run is stopped
 # Later-YOLOv5 behaviours as hyp keys; these defaults are YOLOv5 v6.0's (hyp.demo.yaml sets other values).
 WARMUP_MIN_ITERS = 1000  # hyp 'warmup_min_iters': warm-up lasts at least this many iterations
 GRAD_CLIP_NORM = 0.0  # hyp 'grad_clip_norm': clip the gradient norm of the trainable module to this (0: off)
-HYP_DEFAULTS = {"nbs": 64, "warmup_min_iters": WARMUP_MIN_ITERS, "grad_clip_norm": GRAD_CLIP_NORM}
+EMA_DECAY = 0.9999  # hyp 'ema_decay': the weight average's decay once ramped up (window ~ 1 / (1 - decay) updates)
+EMA_TAU = 2000  # hyp 'ema_tau': updates over which the decay ramps up, as decay * (1 - exp(-updates / tau))
+HYP_DEFAULTS = {"nbs": 64, "warmup_min_iters": WARMUP_MIN_ITERS, "grad_clip_norm": GRAD_CLIP_NORM,
+                "ema_decay": EMA_DECAY, "ema_tau": EMA_TAU}
 
 
 class DetectionTask:
@@ -345,7 +348,11 @@ class Trainer:
             LOGGER.warning("WARNING: --cos-lr and --linear-lr both given; --linear-lr wins (cosine is the default)")
         self.lf = lr_lambda(opt.epochs, hyp["lrf"], cosine=not opt.linear_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
-        self.ema = ModelEMA(self.model) if self.main else None
+        ema_decay, ema_tau = float(hyp.get("ema_decay", EMA_DECAY)), float(hyp.get("ema_tau", EMA_TAU))
+        if not (0 <= ema_decay < 1 and ema_tau > 0):
+            raise ValueError(f"hyp ema_decay must lie in [0, 1) and ema_tau be > 0 (got {ema_decay}, {ema_tau}); "
+                             f"YOLOv5's values are {EMA_DECAY} and {EMA_TAU}")
+        self.ema = ModelEMA(self.model, decay=ema_decay, tau=ema_tau) if self.main else None
         # loss scaling guards fp16 gradients against underflow; bf16 has float32's exponent range and needs none
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.dtype == torch.float16)
         self.stopper = EarlyStopping(patience=opt.patience)
