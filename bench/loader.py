@@ -4,7 +4,7 @@ Prints images/s of the training loader (mosaic + every default augmentation of t
 count after a warm-up, plus the validation loader (rect batches, no augmentation) for reference.
 
 Usage:
-    python bench/loader.py [--imgsz 640] [--batch 16] [--workers 0 2] [--batches 20]
+    python bench/loader.py [--imgsz 640] [--batch 16] [--workers 0 2] [--batches 20] [--cache none ram]
 """
 from __future__ import annotations
 
@@ -50,6 +50,8 @@ def parse_opt(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="worker counts to measure")
     parser.add_argument("--warmup", type=int, default=3, help="batches skipped before timing")
     parser.add_argument("--batches", type=int, default=20, help="batches timed")
+    parser.add_argument("--cache", nargs="+", default=["none"], choices=["none", "ram", "disk"],
+                        help="image caches to measure (train.py --cache; none: decode every image every time)")
     return parser.parse_args(argv)
 
 
@@ -64,13 +66,16 @@ def main(opt: argparse.Namespace) -> dict:
           f"({'direct' if direct else 'canvas + warp'} path), {os.cpu_count()} CPUs, malloc "
           f"{'tuned' if tuned else 'glibc defaults'}, load average {load:.1f}")
     results = {}
-    for workers in opt.workers:
-        loader, _ = create_dataloader(data["train"], opt.imgsz, opt.batch, 32, hyp=hyp, augment=True,
-                                      workers=workers, shuffle=True, prefix="train: ")
-        speed, cpu_ms = throughput(loader, opt.warmup, opt.batches)
-        results[f"train_w{workers}"] = speed
-        cpu = f", {cpu_ms:.1f} CPU ms/image in the main process" if workers == 0 else ""
-        print(f"train loader, workers={workers}: {speed:.1f} images/s{cpu}")
+    for cache in opt.cache:
+        for workers in opt.workers:
+            loader, _ = create_dataloader(data["train"], opt.imgsz, opt.batch, 32, hyp=hyp, augment=True,
+                                          cache=None if cache == "none" else cache, workers=workers, shuffle=True,
+                                          prefix="train: ")
+            speed, cpu_ms = throughput(loader, opt.warmup, opt.batches)
+            key = f"train_w{workers}" + ("" if cache == "none" else f"_{cache}")
+            results[key] = speed
+            cpu = f", {cpu_ms:.1f} CPU ms/image in the main process" if workers == 0 else ""
+            print(f"train loader, cache {cache}, workers={workers}: {speed:.1f} images/s{cpu}")
     loader, _ = create_dataloader(data["val"], opt.imgsz, opt.batch, 32, rect=True, pad=0.5, workers=0,
                                   prefix="val: ")
     results["val_w0"], _ = throughput(loader, 1, min(opt.batches, len(loader) - 1))
