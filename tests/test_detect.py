@@ -96,3 +96,17 @@ def test_detect_missing_webcam_and_missing_file(weights, tmp_path):
         detect.run(weights=weights, source="99", project=tmp_path)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         detect.run(weights=weights, source=tmp_path / "nowhere", project=tmp_path)
+
+
+def test_cpu_model_runs_channels_last_with_the_same_outputs(weights):
+    model = detect._load_model(str(weights), torch.device("cpu"), False)
+    convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    reference = experimental.attempt_load(str(weights), map_location="cpu").float()  # default layout
+    assert reference.model[0].conv.weight.is_contiguous()
+    im = np.random.default_rng(1).integers(0, 255, (3, 64, 64), dtype=np.uint8)
+    x = detect._to_tensor(im, torch.device("cpu"), False, channels_last=True)
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.shape == (1, 3, 64, 64)
+    with torch.no_grad():
+        ours, theirs = model(x)[0], reference(torch.from_numpy(im)[None].float() / 255)[0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-3)
