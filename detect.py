@@ -31,7 +31,7 @@ from models.yolo import check_augment  # noqa: E402
 from utils.plots import Annotator, colors, feature_visualization, save_one_box  # noqa: E402
 from utils.sources import LoadImages  # noqa: E402
 from utils.streams import LoadStreams, VideoSaver, Viewer, is_stream, stream_name  # noqa: E402
-from utils.torch_utils import select_device  # noqa: E402
+from utils.torch_utils import runs_channels_last, select_device  # noqa: E402
 
 
 def _clock(device: torch.device) -> float:
@@ -188,8 +188,7 @@ def run(weights="yolov5s.pt", source="data/images", data=None, imgsz=(640, 640),
     device = select_device(device)
     half = half and device.type != "cpu"  # fp16 is only a speed-up on CUDA
     model = _load_model(weights, device, half)
-    first = next((p for p in model.parameters() if p.dim() == 4), None)  # exported backends have none
-    channels_last = first is not None and first.is_contiguous(memory_format=torch.channels_last)
+    channels_last = runs_channels_last(model)  # False for exported backends
     stride, names = int(model.stride.max()), model.names
     imgsz = [imgsz, imgsz] if isinstance(imgsz, int) else list(imgsz) * (2 // len(imgsz))  # (h, w)
     imgsz = check_img_size(imgsz, stride=stride)

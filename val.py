@@ -28,7 +28,7 @@ from utils.boxes import box_iou, non_max_suppression, scale_coords, xywh2xyxy, x
 from utils.general import (LOGGER, ROOT, check_img_size, colorstr, default_weights, increment_path, print_args,
                            run_cli, set_logging)
 from utils.metrics import ConfusionMatrix, ap_per_class
-from utils.torch_utils import select_device, select_precision, tune_cpu_allocator
+from utils.torch_utils import runs_channels_last, select_device, select_precision, tune_cpu_allocator
 
 HEADER = ("%20s" + "%11s" * 6) % ("Class", "Images", "Labels", "P", "R", "mAP@.5", "mAP@.5:.95")
 ROW = "%20s" + "%11i" * 2 + "%11.3g" * 4
@@ -253,8 +253,7 @@ def _loop(model, dataloader, device, half, compute_loss, nms_kwargs, single_cls,
     half is (fp16 model, bf16 autocast on CPU), from _reduced_precision; augment asks the model for test-time
     augmentation."""
     half, cpu_bf16 = half
-    first = next(model.parameters(), None)  # None: an exported model, which takes its own layout
-    channels_last = first is not None and first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last)
+    channels_last = runs_channels_last(model)  # False for an exported model, which takes its own layout
     iouv = torch.linspace(0.5, 0.95, 10, device=device)
     plot_images = _plot_images_fn() if plots else None
     stats, jdict, seen, dt = [], [], 0, [0.0, 0.0, 0.0]

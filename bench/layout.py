@@ -31,6 +31,7 @@ from utils.general import set_logging  # noqa: E402
 from utils.torch_utils import Precision  # noqa: E402
 
 LAYOUTS = {"default": False, "channels_last": True}
+HEADER = ("case", "px", "batch", "default s", "channels_last s", "ratio wall", "ratio CPU")
 
 
 def parse_case(text: str) -> tuple:
@@ -86,10 +87,9 @@ def main(argv=None):
             c0, c1 = median(cpu[(step, "default")]), median(cpu[(step, "channels_last")])
             name = f"yolov5{student}" + (f" <- yolov5{teacher}" if step == "kd" else "")
             rows.append((f"{name} {step}", imgsz, batch, f"{w0:.3f}", f"{w1:.3f}", f"{w1 / w0:.2f}", f"{c1 / c0:.2f}"))
-        print(table(("case", "px", "batch", "default s", "channels_last s", "ratio wall", "ratio CPU"), rows[-3:]),
-              flush=True)
+        print(table(HEADER, rows[-3:]), flush=True)
     print("\nfloat32, medians of", opt.iters, "rounds; ratio = channels_last / default (below 1: channels_last faster)")
-    print(table(("case", "px", "batch", "default s", "channels_last s", "ratio wall", "ratio CPU"), rows))
+    print(table(HEADER, rows))
     print(load_line())
 
 

@@ -163,6 +163,15 @@ def test_float32_cpu_step_runs_channels_last(shapes_data, tiny_cfgs, tmp_path):
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
 
 
+def test_runs_channels_last_reads_the_first_conv():
+    from utils.torch_utils import runs_channels_last
+
+    model = Model(tiny_model_cfg(3, 0.25))
+    assert not runs_channels_last(model)
+    assert runs_channels_last(model.to(memory_format=torch.channels_last))
+    assert not runs_channels_last(torch.nn.Identity())  # no parameters, as an exported backend
+
+
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_teacher_layout_follows_the_run(channels_last):
     from utils.kd.task import teacher_precision

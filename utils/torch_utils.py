@@ -85,6 +85,13 @@ class Precision:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
+def runs_channels_last(model: nn.Module) -> bool:
+    """True when model's first parameter (a YOLOv5 model's first conv weight) is a channels_last 4-D tensor: the
+    model was put in that layout, so its inputs should be too. False for an exported backend without parameters."""
+    first = next(model.parameters(), None)
+    return first is not None and first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last)
+
+
 def select_precision(device: torch.device, amp: bool | None = None) -> Precision:
     """The mixed-precision choice for device: fp16 autocast on CUDA, bf16 autocast on CPUs with native bf16,
     float32 elsewhere. Models and inputs are channels_last on every CPU (oneDNN's convolutions are faster in that

@@ -11,7 +11,7 @@ from utils.kd.distiller import Distiller, KDConfig, KDStudent
 from utils.kd.losses import NEEDS_ADAPTER, output_kd_terms
 from utils.kd.pairing import kd_layer_names, pair_layers
 from utils.kd.recorder import FeatureRecorder
-from utils.torch_utils import Precision
+from utils.torch_utils import Precision, runs_channels_last
 
 KD_LOSS_NAMES = ("kd_box", "kd_obj", "kd_cls", "kd_feat")
 
@@ -155,7 +155,7 @@ class DistillationTask(DetectionTask):
         """Teacher raw maps [(bs, na, ny, nx, 5 + nc_t)] and recorded features, without an autograd graph."""
         p = next(self.teacher.parameters())  # the first conv's weight (c2, 3, k, k)
         x = imgs.to(p.dtype)
-        if p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last):
+        if runs_channels_last(self.teacher):
             x = x.contiguous(memory_format=torch.channels_last)
         names = self.distiller.t_names
         if not names:
