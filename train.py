@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", nargs="+", type=int, default=[0], help="freeze first N layers, or layer indices")
     p.add_argument("--save-period", type=int, default=-1, help="save a checkpoint every N epochs (-1 disabled)")
     p.add_argument("--seed", type=int, default=0, help="global training seed")
+    p.add_argument("--close_mosaic", "--close-mosaic", type=int, default=0, metavar="N",
+                   help="train the last N epochs without mosaic (and mixup); 0 (default, as v6.0): mosaic throughout")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision: fp16 on CUDA, bf16 on CPUs with native bf16 (chosen automatically when "
                         "neither --amp nor --no-amp is given; the run's opt.yaml records the choice)")
@@ -156,10 +158,12 @@ def prepare_run(opt: argparse.Namespace, parser=None):
 
 
 def _check_loader_options(opt, local_rank: int, world_size: int) -> None:
-    """--image-weights and --quad limits, before any process group or dataset."""
+    """--image-weights, --quad and --close_mosaic limits, before any process group or dataset."""
     if getattr(opt, "image_weights", False) and local_rank != -1:
         raise ValueError("--image-weights works in a single process only (as in YOLOv5 v6.0); drop it or train "
                          "without torchrun")
+    if getattr(opt, "close_mosaic", 0) < 0:
+        raise ValueError(f"--close_mosaic {opt.close_mosaic}: give a number of final epochs >= 0 (0 keeps mosaic)")
     if getattr(opt, "quad", False) and opt.batch_size // world_size < 4:
         raise ValueError(f"--quad collates 4 images into one: --batch-size {opt.batch_size} gives "
                          f"{opt.batch_size // world_size} per process; use at least {4 * world_size}")

@@ -316,3 +316,38 @@ def test_hyp_anchor_count_gets_anchors_from_autoanchor(shapes_data, tiny_cfgs, t
     assert (pixels > 1).all()  # placeholders (0, 1, 2, ... px) replaced by k-means anchors of the labels
     areas = pixels.prod(-1).mean(-1)
     assert (areas[1:] >= areas[:-1]).all()  # small anchors on the fine level
+
+
+def test_close_mosaic_switches_persistent_workers_to_letterboxed_images(shapes_data, tiny_cfgs, tmp_path):
+    trainer = make_trainer(shapes_data, tiny_cfgs["student"], tmp_path, epochs=3, close_mosaic=1, workers=1)
+    assert trainer.train_loader.persistent_workers and trainer.hyp["mosaic"] == 1.0
+    *_, shapes = next(iter(trainer.train_loader))
+    assert all(s is None for s in shapes)  # mosaics carry no letterbox shapes
+
+    trainer._close_mosaic(epoch=1)  # not yet one of the last epochs
+    assert trainer.dataset.mosaic
+    stale = trainer.train_loader
+    trainer._close_mosaic(epoch=2)
+    assert not trainer.dataset.mosaic and trainer.train_loader is not stale
+    assert all(s is None for s in next(iter(stale))[3])  # the old workers still hold a mosaic dataset
+    *_, shapes = next(iter(trainer.train_loader))
+    assert shapes and all(s is not None for s in shapes)
+    assert len(trainer.train_loader) == trainer.nb
+
+    with pytest.raises(ValueError, match="close_mosaic"):
+        make_trainer(shapes_data, tiny_cfgs["student"], tmp_path, name="bad", close_mosaic=-1)
+
+
+def test_close_mosaic_takes_effect_inside_fit(shapes_data, tiny_cfgs, tmp_path):
+    trainer = make_trainer(shapes_data, tiny_cfgs["student"], tmp_path, epochs=2, close_mosaic=1, noval=True)
+    seen = []
+    step = trainer.forward_backward
+
+    def record(imgs, targets):
+        seen.append((trainer.epoch, trainer.dataset.mosaic))
+        return step(imgs, targets)
+
+    trainer.forward_backward = record
+    trainer.fit()
+    assert {m for e, m in seen if e == 0} == {True} and {m for e, m in seen if e == 1} == {False}
+    assert yaml_load(Path(trainer.opt.save_dir) / "opt.yaml")["close_mosaic"] == 1

@@ -722,6 +722,21 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride: int, single_cls
     return loader, dataset
 
 
+def restart_loader(loader: DataLoader) -> DataLoader:
+    """The same DataLoader (dataset, sampler and its RNG, batch size, collate, workers) with fresh workers.
+
+    Persistent workers hold their own copy of the dataset, made when they started; a change to a dataset attribute
+    (``dataset.mosaic = False``) reaches them only through new workers. Single-process loaders read the dataset
+    directly and come back unchanged.
+    """
+    if loader.num_workers == 0 or not loader.persistent_workers:
+        return loader
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn,
+                      worker_init_fn=loader.worker_init_fn, generator=loader.generator, persistent_workers=True,
+                      drop_last=loader.drop_last)
+
+
 def _find_yaml(name) -> Path:
     """A dataset YAML given as a path, or as a bare name found in the repository's data/ folder."""
     p = Path(name).expanduser()

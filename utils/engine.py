@@ -463,6 +463,7 @@ class Trainer:
             from utils.datasets import image_weighted_indices
 
             self.dataset.indices = image_weighted_indices(self.dataset.labels, self.nc, self.maps)
+        self._close_mosaic(epoch)
         if hasattr(self.train_loader.sampler, "set_epoch"):
             self.train_loader.sampler.set_epoch(epoch)
         names = self.task.loss_names
@@ -492,6 +493,19 @@ class Trainer:
                     f"{epoch}/{self.opt.epochs - 1}", mem, *mean_loss.tolist(), targets.shape[0], imgs.shape[-1]))
                 self._emit("on_train_batch_end", self, ni, imgs, targets, paths)
         return mean_loss
+
+    def _close_mosaic(self, epoch: int) -> None:
+        """--close_mosaic N: the last N epochs train on single letterboxed images (no mosaic, hence no mixup), the
+        way the model sees images at validation. Also right after a resume that starts inside those epochs."""
+        from utils.datasets import restart_loader
+
+        n = getattr(self.opt, "close_mosaic", 0) or 0
+        if n <= 0 or epoch < self.opt.epochs - n or not self.dataset.mosaic:
+            return
+        self.dataset.mosaic = False
+        self.train_loader = restart_loader(self.train_loader)  # persistent workers hold the old dataset copy
+        if self.main:
+            LOGGER.info(f"Closing mosaic for the last {self.opt.epochs - epoch} epochs (--close_mosaic {n})")
 
     def forward_backward(self, imgs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """One batch: the task's loss, backpropagated into the accumulated gradients.
