@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kd_obj_iou", "--kd-obj-iou", action="store_true",
                    help="objectness KD target: the teacher's objectness times the CIoU of the student's box with the "
                         "teacher's (as YOLOv5 scales its objectness target by the IoU with the label)")
+    g.add_argument("--kd_obj_all", "--kd-obj-all", action="store_true",
+                   help="objectness KD on every cell: BCE of the student's objectness against the teacher's "
+                        "probability, averaged over all cells with the detection loss's level balance (default: "
+                        "l2 on logits weighted by the teacher's objectness, the original scripts' form)")
     g.add_argument("--kd_cls_floor", "--kd-cls-floor", type=float, default=0.0,
                    help="l2 class KD: a teacher class logit below -F counts as -F, and so does the student's there, "
                         "so classes both networks rule out cost nothing (0: off; it lowered the gain on the demo)")

@@ -268,6 +268,40 @@ def test_obj_iou_scales_the_objectness_target_by_the_box_match(kind):
     assert obj.item() == pytest.approx((0.0 - _logit(0.5 * 0.01)) ** 2 * 0.5, rel=1e-4)
 
 
+def _bce_by_hand(logit, p):
+    q = 1 / (1 + math.exp(-logit))
+    return -(p * math.log(q) + (1 - p) * math.log(1 - q))
+
+
+@pytest.mark.parametrize("nl, balance", [(3, (4.0, 1.0, 0.4)), (2, (4.0, 1.0))])
+@pytest.mark.parametrize("kind", ["l2", "bce"])
+def test_obj_all_is_the_detection_objectness_loss_with_the_teachers_probability(nl, balance, kind):
+    shapes = ((2, 3, 4, 4), (2, 3, 2, 2), (2, 3, 1, 1))[:nl]
+    s_maps, t_maps = _maps(0, shapes=shapes), _maps(1, shapes=shapes)
+    box, obj, cls = output_kd_terms(s_maps, t_maps, kind=kind, obj_all=True)
+    expected = 0.0
+    for gain, s, t in zip(balance, s_maps, t_maps):  # every cell counts alike: no objectness weight
+        s_obj, t_obj = s[..., 4].flatten().tolist(), t[..., 4].flatten().tolist()
+        expected += gain * sum(_bce_by_hand(a, _sig(b)) for a, b in zip(s_obj, t_obj)) / len(s_obj)
+    assert obj.item() == pytest.approx(expected, rel=1e-5)
+    plain = output_kd_terms(s_maps, t_maps, kind=kind)
+    assert box.item() == pytest.approx(plain[0].item()) and cls.item() == pytest.approx(plain[2].item())
+    assert obj.item() != pytest.approx(plain[1].item())
+
+
+def test_obj_all_teaches_the_background_that_the_weighted_term_ignores():
+    teacher = _one_cell([0, 0, 0, 0], obj=-9.0)  # the teacher is sure there is nothing here
+    for obj_all, pull in ((False, 0.01), (True, 0.9)):
+        student = _one_cell([0, 0, 0, 0], obj=3.0)  # a confident false positive
+        student[0].requires_grad_(True)
+        output_kd_terms(student, teacher, obj_all=obj_all)[1].backward()
+        g = student[0].grad[..., 4].item()
+        if obj_all:  # BCE gradient sigmoid(s) - sigmoid(t), times the one-level balance 4.0
+            assert g == pytest.approx(4.0 * (_sig(3.0) - _sig(-9.0)), rel=1e-5) and g > pull
+        else:  # 2 * (3 + 9) times the teacher's objectness 1.2e-4: next to nothing
+            assert 0 < g < pull
+
+
 def test_ciou_box_kd_needs_anchors_and_known_kind():
     with pytest.raises(ValueError, match="anchors"):
         output_kd_terms(_maps(0), _maps(1), box_kind="ciou")

@@ -138,6 +138,19 @@ def test_kd_obj_iou_changes_only_the_objectness_term(tmp_path):
     assert torch.allclose(items[[0, 1, 2, 3, 5, 6]], plain[[0, 1, 2, 3, 5, 6]])
 
 
+def test_kd_obj_all_changes_only_the_objectness_term(tmp_path):
+    from dataclasses import replace
+
+    task = make_task(feat_losses=(), tmp_path=tmp_path)
+    imgs, targets = batch()
+    task.on_epoch_start(0, 10)
+    _, plain = task.train_step(task.trainable, imgs, targets)
+    task.cfg = replace(task.cfg, obj_all=True)
+    _, items = task.train_step(task.trainable, imgs, targets)
+    assert items[4] > plain[4], "kd_obj now counts every cell and the teacher's entropy"
+    assert torch.allclose(items[[0, 1, 2, 3, 5, 6]], plain[[0, 1, 2, 3, 5, 6]])
+
+
 def test_kd_box_flag_reaches_config():
     from utils.kd.task import kd_config_from_opt
 
@@ -146,6 +159,8 @@ def test_kd_box_flag_reaches_config():
     assert kd_config_from_opt(parser.parse_args([])).box_loss == "ciou"  # the default since the demo measured it
     assert kd_config_from_opt(parser.parse_args(["--kd_obj_iou"])).obj_iou
     assert not kd_config_from_opt(parser.parse_args([])).obj_iou
+    assert kd_config_from_opt(parser.parse_args(["--kd_obj_all"])).obj_all
+    assert not kd_config_from_opt(parser.parse_args([])).obj_all
     assert kd_config_from_opt(parser.parse_args(["--kd_cls_floor", "4.6"])).cls_floor == 4.6
     assert kd_config_from_opt(parser.parse_args([])).cls_floor == 0.0
     with pytest.raises(ValueError, match="kd_cls_floor"):

@@ -23,6 +23,7 @@ class KDConfig:
         output_loss: output KD kind, 'l2', 'kl' or 'bce' (--kd_loss_selected).
         box_loss: box term of output KD, 'l2' or 'ciou' (--kd_box, utils.kd.losses.BOX_KD_KINDS).
         obj_iou: scale the objectness KD target by the student-teacher box CIoU (--kd_obj_iou).
+        obj_all: objectness KD on every cell in the detection loss's form (--kd_obj_all; output_kd_terms).
         cls_floor: l2 class KD takes teacher class logits below -cls_floor, and the student's there, as -cls_floor
             (--kd_cls_floor; 0: off).
         temperature: softmax temperature of 'kl'.
@@ -39,6 +40,7 @@ class KDConfig:
     output_loss: str = "l2"
     box_loss: str = "l2"
     obj_iou: bool = False
+    obj_all: bool = False
     cls_floor: float = 0.0
     temperature: float = 20.0
     alpha: float = 1.0

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.boxes import bbox_iou
+from utils.loss import BALANCE_3, BALANCE_N
 from utils.torch_utils import de_parallel
 
 OUTPUT_KD_KINDS = ("l2", "kl", "bce")
@@ -141,11 +142,12 @@ def _cell_ciou(s_xywh, t_xywh, anchor_wh):
 
 
 def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, single_class=False, weighted=False,
-                 box_kind="l2", anchor_wh=None, obj_iou=False, cls_floor=0.0):
+                 box_kind="l2", anchor_wh=None, obj_iou=False, cls_floor=0.0, obj_all=False):
     """(box, obj, cls) scalars for one level; index/masks are None without class mapping.
 
     weighted=False averages each term over the level's cells (bs * na * ny * nx); weighted=True divides box and cls
     by each image's sum of the objectness weights w instead (see _reduce and output_kd_terms' reduction).
+    obj_all: obj is the unweighted mean over all cells of BCE(s_obj, teacher probability), for every kind.
     """
     s, t = s.float(), t.detach().float()
     t_obj = t[..., 4]  # (bs, na, ny, nx)
@@ -164,7 +166,10 @@ def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, sin
     # box is a regression for every kind (not probabilities): MSE on raw xywh logits, or 1 - CIoU of decoded boxes
     box_el = (s[..., :4] - t[..., :4]).square() if box_kind == "l2" else (1.0 - ciou).unsqueeze(-1)
     box = _reduce(box_el * w[..., None], w, box_el.shape[-1], weighted)
-    if kind == "bce":
+    if obj_all:  # every cell, unweighted, against a probability: the form of YOLOv5's objectness loss
+        target = (p_obj if q is None else p_obj * q) if kind != "bce" else obj_target
+        obj = F.binary_cross_entropy_with_logits(s[..., 4], target)
+    elif kind == "bce":
         obj = (F.binary_cross_entropy_with_logits(s[..., 4], obj_target, reduction="none") * w).mean()
     else:
         obj = ((s[..., 4] - obj_target).square() * w).mean()
@@ -195,7 +200,8 @@ def _reduce(elements, w, per_cell, weighted):
 
 
 def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=None, t_obj_scale=None,
-                    single_class=False, reduction="mean", box_kind="l2", anchors=None, obj_iou=False, cls_floor=0.0):
+                    single_class=False, reduction="mean", box_kind="l2", anchors=None, obj_iou=False, cls_floor=0.0,
+                    obj_all=False):
     """Objectness-weighted output distillation, summed over detection levels.
 
     Per level with w = sigmoid(t_obj): box = mean((s_xywh - t_xywh)^2 * w); obj = mean((s_obj - t_obj)^2 * w);
@@ -242,6 +248,12 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
             of the l2 class error at a confident cell comes from classes both networks rule out (teacher logit -8,
             student -5: sigmoids 0.0003 and 0.007); with a floor of 4.6 (sigmoid 0.01) those cost nothing. On the
             demo that lowered the distillation gain: the very negative logits are part of what class KD teaches.
+        obj_all: the objectness term in the form of YOLOv5's own objectness loss, with the teacher's probability
+            (times the class-mapping or obj_iou factor) as the target in place of the IoU with the label:
+            BCE(s_obj, sigmoid(t_obj)) averaged over every cell of a level without the weight w, the levels summed
+            with the detection loss's balance (4.0, 1.0, 0.4 for three levels). The weighted form teaches only where
+            the teacher sees an object; this one also teaches the background, so a student's confident box where the
+            teacher sees nothing costs as much as a missed object. Minimum: the teacher's entropy, not 0.
 
     Returns:
         (box, obj, cls): float32 scalars.
@@ -273,15 +285,17 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
         raise ValueError(f"cls_floor {cls_floor}: a positive floor applies to the 'l2' class term only (0: off)")
     if (box_kind == "ciou" or obj_iou) and (anchors is None or len(anchors) != len(s_maps)):
         raise ValueError(f"box KD 'ciou' and obj_iou need Detect.anchors for each of the {len(s_maps)} levels")
+    balance = (BALANCE_3 if len(s_maps) == 3 else BALANCE_N[:len(s_maps)]) if obj_all else (1.0,) * len(s_maps)
     terms = []
     for i, (s, t) in enumerate(zip(s_maps, t_maps)):
         if s.shape[:-1] != t.shape[:-1]:
             raise ValueError(f"student map {tuple(s.shape)} and teacher map {tuple(t.shape)} differ before the "
                              f"class dim; anchors per level, strides and input size must match")
-        terms.append(_level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, single_class,
-                                  weighted=reduction == "detection", box_kind=box_kind,
-                                  anchor_wh=None if anchors is None else anchors[i], obj_iou=obj_iou,
-                                  cls_floor=cls_floor))
+        box, obj, cls = _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, single_class,
+                                     weighted=reduction == "detection", box_kind=box_kind,
+                                     anchor_wh=None if anchors is None else anchors[i], obj_iou=obj_iou,
+                                     cls_floor=cls_floor, obj_all=obj_all)
+        terms.append((box, obj * balance[i], cls))
     box, obj, cls = (sum(parts) for parts in zip(*terms))
     return box, obj, cls
 

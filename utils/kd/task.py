@@ -176,7 +176,8 @@ class DistillationTask(DetectionTask):
                                         t_cls_index=self.t_cls_index, t_obj_scale=self.t_obj_scale,
                                         single_class=self.single_class, reduction="detection",
                                         box_kind=self.cfg.box_loss, anchors=self.model.model[-1].anchors,
-                                        obj_iou=self.cfg.obj_iou, cls_floor=self.cfg.cls_floor)
+                                        obj_iou=self.cfg.obj_iou, cls_floor=self.cfg.cls_floor,
+                                        obj_all=self.cfg.obj_all)
         hyp, cfg = self.hyp, self.cfg
         kd = hyp.get("kd", 1.0) * self.factor  # overall KD gain (hyp) x the epoch's schedule factor
         # kd_obj / kd_cls are optional hyp keys (scale_hyp_gains fills them in; a raw hyp file may lack them)
@@ -248,6 +249,7 @@ def channel_pair_names(model: nn.Module, cfg: KDConfig, pairs) -> set | None:
 def kd_config_from_opt(opt) -> KDConfig:
     feats = tuple(f for f in (opt.feat_loss or []) if f != "none")
     return KDConfig(output_loss=opt.kd_loss_selected, box_loss=opt.kd_box, obj_iou=opt.kd_obj_iou,
+                    obj_all=opt.kd_obj_all,
                     cls_floor=opt.kd_cls_floor, temperature=float(opt.temperature), alpha=opt.alpha, beta=opt.beta,
                     feat_losses=feats, ratio=opt.ratio, cwd_tau=opt.cwd_tau, schedule=opt.kd_schedule,
                     stop_epoch=opt.kd_stop_epoch, s_layers=layer_names(opt.kd_layers),
