@@ -14,6 +14,13 @@ BALANCE_N = (4.0, 1.0, 0.25, 0.06, 0.02)
 NEIGHBOUR_OFFSETS = ((0, 0), (1, 0), (0, 1), (-1, 0), (0, -1))
 
 
+def level_balance(nl: int) -> tuple:
+    """The objectness weight of each of nl detection levels (BALANCE_3 for three, else the first nl of BALANCE_N)."""
+    if nl > len(BALANCE_N):
+        raise ValueError(f"Detect has {nl} levels; the loss supports at most {len(BALANCE_N)}")
+    return BALANCE_3 if nl == 3 else BALANCE_N[:nl]
+
+
 def smooth_BCE(eps=0.1):
     """Positive and negative BCE targets (1 - eps/2, eps/2) for label smoothing eps."""
     return 1.0 - 0.5 * eps, 0.5 * eps
@@ -106,9 +113,7 @@ class ComputeLoss:
             self.bce_cls = FocalLoss(self.bce_cls, h["fl_gamma"])
             self.bce_obj = FocalLoss(self.bce_obj, h["fl_gamma"])
         self.cp, self.cn = smooth_BCE(h.get("label_smoothing", 0.0))
-        if det.nl > len(BALANCE_N):
-            raise ValueError(f"Detect has {det.nl} levels; the loss supports at most {len(BALANCE_N)}")
-        self.balance = list(BALANCE_3 if det.nl == 3 else BALANCE_N[:det.nl])
+        self.balance = list(level_balance(det.nl))
         self.ssi = det.stride.tolist().index(16) if autobalance else 0  # balance is renormalised to stride 16
         self.autobalance = autobalance
         self.gr = float(getattr(m, "gr", 1.0))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.boxes import bbox_iou
-from utils.loss import BALANCE_3, BALANCE_N
+from utils.loss import level_balance
 from utils.torch_utils import de_parallel
 
 OUTPUT_KD_KINDS = ("l2", "kl", "bce")
@@ -159,16 +159,16 @@ def _level_terms(s, t, kind, temperature, index, student_mask, teacher_mask, sin
     if obj_iou:  # as YOLOv5 scales its objectness target by the IoU with the label
         quality = ciou.detach().clamp(min=OBJ_IOU_FLOOR)
         q = quality if m is None else m * quality
-    if q is None:
-        obj_target = w if kind == "bce" else t_obj
+    prob_target = p_obj if q is None else p_obj * q  # equals w unless obj_iou scales it
+    if kind == "bce" or obj_all:
+        obj_target = prob_target
     else:
-        obj_target = p_obj * q if kind == "bce" else _scaled_logit(t_obj, q)
+        obj_target = t_obj if q is None else _scaled_logit(t_obj, q)
     # box is a regression for every kind (not probabilities): MSE on raw xywh logits, or 1 - CIoU of decoded boxes
     box_el = (s[..., :4] - t[..., :4]).square() if box_kind == "l2" else (1.0 - ciou).unsqueeze(-1)
     box = _reduce(box_el * w[..., None], w, box_el.shape[-1], weighted)
     if obj_all:  # every cell, unweighted, against a probability: the form of YOLOv5's objectness loss
-        target = (p_obj if q is None else p_obj * q) if kind != "bce" else obj_target
-        obj = F.binary_cross_entropy_with_logits(s[..., 4], target)
+        obj = F.binary_cross_entropy_with_logits(s[..., 4], obj_target)
     elif kind == "bce":
         obj = (F.binary_cross_entropy_with_logits(s[..., 4], obj_target, reduction="none") * w).mean()
     else:
@@ -285,7 +285,7 @@ def output_kd_terms(s_maps, t_maps, kind="l2", temperature=20.0, t_cls_index=Non
         raise ValueError(f"cls_floor {cls_floor}: a positive floor applies to the 'l2' class term only (0: off)")
     if (box_kind == "ciou" or obj_iou) and (anchors is None or len(anchors) != len(s_maps)):
         raise ValueError(f"box KD 'ciou' and obj_iou need Detect.anchors for each of the {len(s_maps)} levels")
-    balance = (BALANCE_3 if len(s_maps) == 3 else BALANCE_N[:len(s_maps)]) if obj_all else (1.0,) * len(s_maps)
+    balance = level_balance(len(s_maps)) if obj_all else (1.0,) * len(s_maps)
     terms = []
     for i, (s, t) in enumerate(zip(s_maps, t_maps)):
         if s.shape[:-1] != t.shape[:-1]:
