@@ -31,6 +31,42 @@ def test_regenerating_replaces_old_files(tmp_path):
     assert len(list((tmp_path / "labels" / "val").iterdir())) == 1
 
 
+def test_a_new_folder_appears_only_when_complete(tmp_path, monkeypatch):
+    """Two runs generating the same dataset at once (e.g. two benchmark jobs) must never see it half written."""
+    import utils.synthetic as synthetic
+
+    out, seen = tmp_path / "shapes", []
+    write = synthetic._write_sample
+
+    def watching(job):
+        seen.append(out.exists())
+        return write(job)
+
+    monkeypatch.setattr(synthetic, "_write_sample", watching)
+    generate_shapes(out, n_train=3, n_val=2, img_size=64, workers=1)
+    assert seen == [False] * 5, "the target folder existed while its files were being written"
+    assert len(list((out / "images" / "val").iterdir())) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["shapes"], "no temporary folder left behind"
+
+
+def test_the_folder_another_run_finished_first_is_kept(tmp_path, monkeypatch):
+    import utils.synthetic as synthetic
+
+    out = tmp_path / "shapes"
+    write = synthetic._write_sample
+
+    def racing(job):
+        if not out.exists():  # the other run finishes its copy while this one is still writing
+            (out / "images").mkdir(parents=True)
+            (out / "theirs.txt").write_text("done")
+        return write(job)
+
+    monkeypatch.setattr(synthetic, "_write_sample", racing)
+    assert generate_shapes(out, n_train=2, n_val=1, img_size=64, workers=1) == out
+    assert (out / "theirs.txt").read_text() == "done", "the finished folder was replaced or mixed"
+    assert [p.name for p in tmp_path.iterdir()] == ["shapes"], "no temporary folder left behind"
+
+
 def test_labels_are_tight_around_visible_pixels():
     for seed in range(6):
         im, labels, owner = render_shapes_image(np.random.default_rng(seed), 128, 0.5)

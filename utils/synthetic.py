@@ -12,7 +12,9 @@ they decode about four times faster than PNG in the training loader; PNG remains
 from __future__ import annotations
 
 import math
+import os
 import re
+import shutil
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
@@ -264,6 +266,29 @@ def generate_shapes(out_dir, n_train: int = 600, n_val: int = 150, img_size: int
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format={image_format!r} must be one of {sorted(IMAGE_FORMATS)}")
     out = Path(out_dir)
+    if out.exists():  # refresh in place (the folder may hold other files)
+        return _write_shapes(out, n_train, n_val, img_size, difficulty, seed, workers, image_format)
+    # A new folder is written under a temporary name and renamed when complete, so that a second run started at the
+    # same moment (two benchmark jobs, DDP processes) never finds it half written: it writes its own copy, and the
+    # slower of the two keeps the folder that is already there (the same files, as generation is deterministic).
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_shapes(tmp, n_train, n_val, img_size, difficulty, seed, workers, image_format)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not out.is_dir():
+                raise
+            LOGGER.info(f"shapes: {out} was written by another process meanwhile; keeping that one")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_shapes(out: Path, n_train, n_val, img_size, difficulty, seed, workers, image_format) -> Path:
+    """generate_shapes' work, into out."""
     jobs = []
     for split_id, (split, count) in enumerate((("train", n_train), ("val", n_val))):
         im_dir, lb_dir = out / "images" / split, out / "labels" / split
