@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from bench._common import build_student, build_teacher, load_hyp, machine_line, table  # noqa: E402
 from utils.general import set_logging  # noqa: E402
 
-FEATURES = ("at", "at_masked", "ft", "cwd", "mimic", "pkd")
+FEATURES = ("at", "at_masked", "ft", "cwd", "mimic", "pkd", "mgd")
 
 
 def parse_opt(argv=None) -> argparse.Namespace:

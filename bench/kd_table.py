@@ -6,7 +6,7 @@ per method with the share of the teacher-student gap each method closes.
 
 Methods: baseline (no teacher), output (output KD only), output+at, output+cwd, output+pkd, output+mimic and
 output+at+cwd (both feature losses summed under one --beta; at on its 7 pairs, cwd on the 3 Detect inputs), and
-on request output+at_masked and output+at+pkd; every KD method uses the same --alpha/--beta
+on request output+at_masked, output+at+pkd, output+mgd and output+at+mgd; every KD method uses the same --alpha/--beta
 (train_kd.py's defaults unless given), so the table also shows whether one pair of weights suits every feature
 loss after the losses' size normalisation.
 
@@ -47,7 +47,7 @@ from utils.general import LOGGER, set_logging  # noqa: E402
 # method -> feature losses (None: no teacher at all)
 METHODS = {"baseline": None, "output": (), "output+at": ("at",), "output+cwd": ("cwd",), "output+pkd": ("pkd",),
            "output+mimic": ("mimic",), "output+at+cwd": ("at", "cwd"), "output+at_masked": ("at_masked",),
-           "output+at+pkd": ("at", "pkd")}
+           "output+at+pkd": ("at", "pkd"), "output+mgd": ("mgd",), "output+at+mgd": ("at", "mgd")}
 DEFAULT_METHODS = ("baseline", "output", "output+at", "output+cwd", "output+pkd", "output+mimic", "output+at+cwd")
 FIELDS = ("method", "seed", "imgsz", "epochs", "alpha", "beta", "train_args", "map50", "map", "train_s", "teacher")
 KEY = FIELDS[:7]  # what makes a cell; the rest is its result
@@ -60,7 +60,8 @@ def parse_opt(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="", help="teacher checkpoint (default: the demo's teacher, see demo.py)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS),
-                   help="default: every method but the variants run on request (output+at_masked, output+at+pkd)")
+                   help="default: every method but the variants run on request (output+at_masked, output+at+pkd, "
+                        "output+mgd, output+at+mgd)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--imgsz", type=int, default=128)

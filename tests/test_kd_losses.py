@@ -507,6 +507,8 @@ def test_ft_and_mimic_match_definitions():
     want = sum((a - b) ** 2 for rs, rt in zip(fs, fto) for a, b in zip(rs, rt)) / (2 * 4)
     assert ft_loss(s, t).item() == pytest.approx(want, rel=1e-5)
     assert mimic_loss(s, t).item() == pytest.approx(float(((s - t) ** 2).sum()) / s.numel(), rel=1e-6)
+    # mgd's loss is the same MSE, taken of the map its generator made (the masking lives in the adapter)
+    assert FEATURE_LOSSES["mgd"](s, t).item() == pytest.approx(float(((s - t) ** 2).sum()) / s.numel(), rel=1e-6)
 
 
 def test_pkd_is_twice_one_minus_pearson_correlation_per_channel():
@@ -543,7 +545,7 @@ def test_feature_losses_zero_on_equal_and_gradient_to_student_only(name):
 
 @pytest.mark.parametrize("name", sorted(NEEDS_ADAPTER))
 def test_channel_mismatch_raises_with_adapter_hint(name):
-    with pytest.raises(ValueError, match="ChannelAdapter"):
+    with pytest.raises(ValueError, match="GenerativeAdapter" if name == "mgd" else "ChannelAdapter"):
         FEATURE_LOSSES[name](_feats(0, c=4), _feats(1, c=6))
 
 
@@ -555,7 +557,7 @@ def test_spatial_mismatch_raises():
 def test_feature_tables_are_read_only():
     with pytest.raises(TypeError):
         FEATURE_LOSSES["x"] = at_loss
-    assert {"ft", "cwd", "mimic", "pkd"} == set(NEEDS_ADAPTER) and not {"at", "at_masked"} & NEEDS_ADAPTER
+    assert {"ft", "cwd", "mimic", "pkd", "mgd"} == set(NEEDS_ADAPTER) and not {"at", "at_masked"} & NEEDS_ADAPTER
 
 
 def test_gt_mask_hand_case():

@@ -85,7 +85,7 @@ def _pairs(n, channels=(4, 6), stride=8):
     return [LayerPair(f"model.{i}", f"model.{i}", channels[0], channels[1], stride) for i in range(n)]
 
 
-@pytest.mark.parametrize("name", ["at", "cwd", "mimic", "pkd"])
+@pytest.mark.parametrize("name", ["at", "cwd", "mimic", "pkd", "mgd"])
 def test_feature_term_is_a_mean_over_pairs(name):
     """One pair, and the same pair three times, give the same feature term: the size-free loss of that pair."""
     g = torch.Generator().manual_seed(4)
@@ -123,12 +123,14 @@ def test_attention_keeps_every_pair_beside_a_channel_loss():
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_distiller_does_not_compute_the_plain_mimic_loss_it_would_discard():
-    """mimic's size-free form comes from the maps alone, so the Distiller must not also run the plain MSE."""
+@pytest.mark.parametrize("name", ["mimic", "mgd"])
+def test_distiller_does_not_compute_the_plain_mse_it_would_discard(name):
+    """mimic's and mgd's size-free form (the relative error per image) comes from the maps alone, so the Distiller
+    must not also run the plain MSE."""
     g = torch.Generator().manual_seed(6)
     s, t, adapted = torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 6, 6, 6, generator=g), torch.randn(
         2, 6, 6, 6, generator=g)
-    distiller = Distiller(_pairs(1), KDConfig(feat_losses=("mimic",)))
+    distiller = Distiller(_pairs(1), KDConfig(feat_losses=(name,)))
 
     def plain_mimic_called(*args, **kwargs):
         raise AssertionError("plain mimic loss computed")
@@ -137,7 +139,7 @@ def test_distiller_does_not_compute_the_plain_mimic_loss_it_would_discard():
     got = distiller.feature_loss([(s, adapted)], [t], torch.zeros(0, 6))
     expected = ((adapted - t).square().mean((1, 2, 3)) / (t.square().mean((1, 2, 3)) +
                                                           adapted.square().mean((1, 2, 3)))).mean()
-    assert got.item() == pytest.approx(LOSS_WEIGHTS["mimic"] * expected.item(), rel=1e-5)
+    assert got.item() == pytest.approx(LOSS_WEIGHTS[name] * expected.item(), rel=1e-5)
 
 
 def test_each_feature_loss_enters_with_its_weight(monkeypatch):

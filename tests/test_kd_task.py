@@ -17,6 +17,7 @@ from models.yolo import Model
 from tests.conftest import tiny_model_cfg
 from utils.checkpoint import build_checkpoint, save_checkpoint
 from utils.general import yaml_load
+from utils.kd.adapters import GenerativeAdapter
 from utils.kd.distiller import KDConfig
 from utils.kd.losses import NEEDS_ADAPTER, output_kd_terms
 from utils.kd.pairing import pair_layers
@@ -56,7 +57,7 @@ def batch(nc=3):
     return imgs, targets
 
 
-FEATURE_LOSS_NAMES = ("at", "at_masked", "ft", "cwd", "mimic", "pkd")
+FEATURE_LOSS_NAMES = ("at", "at_masked", "ft", "cwd", "mimic", "pkd", "mgd")
 
 
 def assert_gradient_reaches_student_only(task, term, what, reaches=()):
@@ -157,6 +158,13 @@ def test_kd_box_flag_reaches_config():
         kd_config_from_opt(parser.parse_args(["--kd_cls_floor", "4.6", "--kd_loss_selected", "kl"]))
     with pytest.raises(ValueError, match="kd_box"):
         KDConfig(box_loss="iou")
+
+
+def test_mgd_combines_with_attention_transfer_but_not_with_a_1x1_adapter_loss():
+    assert KDConfig(feat_losses=("at", "mgd")).feat_losses == ("at", "mgd")
+    for other in ("ft", "cwd", "mimic", "pkd"):
+        with pytest.raises(ValueError, match="combine mgd with at or at_masked only"):
+            KDConfig(feat_losses=("mgd", other))
 
 
 @pytest.mark.parametrize("name", FEATURE_LOSS_NAMES)
@@ -414,7 +422,7 @@ def test_kd_pairs_by_loss_kind(tmp_path):
         assert [p.stride for p in pairs] == [4, 8, 16, 32, 8, 16, 32]
         channel = channel_pair_names(student, KDConfig(feat_losses=losses), pairs)
         assert channel == (None if losses == ("at",) else set(detect_inputs))
-    for losses in (("cwd",), ("pkd", "mimic"), ("ft",)):
+    for losses in (("cwd",), ("pkd", "mimic"), ("ft",), ("mgd",)):
         pairs = kd_pairs(student, teacher, KDConfig(feat_losses=losses))
         assert [p.s_name for p in pairs] == detect_inputs
         assert [p.stride for p in pairs] == [8, 16, 32]
@@ -426,3 +434,8 @@ def test_kd_pairs_by_loss_kind(tmp_path):
     task = DistillationTask(student, teacher, cfg, kd_pairs(student, teacher, cfg))
     assert sorted(task.distiller.adapters.keys()) == ["4", "5", "6"]  # the Detect inputs, widths 0.125 vs 0.25
     assert task.distiller.loss_pairs == {"at": list(range(7)), "cwd": [4, 5, 6]}
+    cfg = KDConfig(feat_losses=("at", "mgd"))
+    task = DistillationTask(student, teacher, cfg, kd_pairs(student, teacher, cfg))
+    assert sorted(task.distiller.adapters.keys()) == ["4", "5", "6"], "mgd's generators on the Detect inputs only"
+    assert all(isinstance(a, GenerativeAdapter) for a in task.distiller.adapters.values())
+    assert task.distiller.loss_pairs == {"at": list(range(7)), "mgd": [4, 5, 6]}

@@ -1,10 +1,12 @@
-"""Learned 1x1 channel adapters that map student feature channels onto the teacher's.
+"""Learned adapters that map student features onto the teacher's: 1x1 channel adapters (ft, cwd, mimic, pkd) and
+the masked generative adapters of MGD.
 
 Adapters train with the student (put their parameters in the optimizer, and create them before it), but they are
 not part of the student: keep them out of EMA and out of the saved student weights.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from utils.torch_utils import initialize_weights
@@ -30,7 +32,43 @@ class ChannelAdapter(nn.Module):
         return self.bn(self.conv(x))
 
 
-def build_adapters(s_channels, t_channels, needed: bool = True) -> nn.ModuleDict:
+MGD_MASK_RATIO = 0.65  # share of positions MGD hides from the generator (Yang et al.'s value for detection)
+
+
+class GenerativeAdapter(nn.Module):
+    """The student side of masked generative distillation, MGD (Yang et al., ECCV 2022).
+
+    The student features are projected to the teacher's channel count (a ChannelAdapter, only where the counts
+    differ); in training mode a random share ``mask_ratio`` of the positions is set to zero (one draw per image
+    and position, shared by all channels); two 3x3 convolutions with a ReLU between them then have to generate the
+    teacher's full feature map from what is left. The loss (``mgd`` in utils.kd.losses) compares that generated
+    map with the teacher's, so the student is pushed to carry, at every position, what the teacher knows about
+    its neighbourhood. In eval mode nothing is masked.
+
+    Args:
+        c_in: student channels.
+        c_out: teacher channels.
+        mask_ratio: probability that a position is hidden, in [0, 1).
+    """
+
+    def __init__(self, c_in: int, c_out: int, mask_ratio: float = MGD_MASK_RATIO):
+        super().__init__()
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio {mask_ratio}: choose a share of positions in [0, 1)")
+        self.mask_ratio = float(mask_ratio)
+        self.align = ChannelAdapter(c_in, c_out) if c_in != c_out else nn.Identity()
+        self.generate = nn.Sequential(nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU(inplace=True),
+                                      nn.Conv2d(c_out, c_out, 3, padding=1))
+
+    def forward(self, x):
+        x = self.align(x)
+        if self.training and self.mask_ratio > 0:
+            keep = torch.rand(x.shape[0], 1, *x.shape[2:], device=x.device) >= self.mask_ratio
+            x = x * keep.to(x.dtype)
+        return self.generate(x)
+
+
+def build_adapters(s_channels, t_channels, needed: bool = True, generative: bool = False) -> nn.ModuleDict:
     """Adapters for layer pairs whose channel counts differ, keyed by pair index as a string ('0', '1', ...).
 
     Args:
@@ -38,9 +76,11 @@ def build_adapters(s_channels, t_channels, needed: bool = True) -> nn.ModuleDict
         t_channels: teacher channels per pair, list[int] of the same length.
         needed: False for losses that compare across channel counts (e.g. attention transfer): nothing is built;
             or one bool per pair (only pairs marked True get an adapter).
+        generative: build a GenerativeAdapter (MGD) at every needed pair, equal channel counts included.
 
     Returns:
-        nn.ModuleDict with a ChannelAdapter only at pairs with different counts (equal pairs have no entry).
+        nn.ModuleDict with a ChannelAdapter only at needed pairs with different counts (equal pairs have no entry),
+        or a GenerativeAdapter at every needed pair.
     """
     s_channels, t_channels = list(s_channels), list(t_channels)
     if len(s_channels) != len(t_channels):
@@ -51,7 +91,9 @@ def build_adapters(s_channels, t_channels, needed: bool = True) -> nn.ModuleDict
         raise ValueError(f"needed has {len(wanted)} flags for {len(s_channels)} layer pairs")
     adapters = nn.ModuleDict()
     for i, (c_s, c_t, want) in enumerate(zip(s_channels, t_channels, wanted)):
-        if want and c_s != c_t:
+        if want and generative:
+            adapters[str(i)] = GenerativeAdapter(c_s, c_t)
+        elif want and c_s != c_t:
             adapters[str(i)] = ChannelAdapter(c_s, c_t)
     return adapters
 

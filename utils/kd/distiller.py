@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 from utils.kd.adapters import adapt, build_adapters
-from utils.kd.losses import (BOX_KD_KINDS, FEATURE_LOSSES, LOSS_WEIGHTS, NEEDS_ADAPTER, NEEDS_MASK, OUTPUT_KD_KINDS,
-                             SIZE_FREE_FROM_MAPS, gt_mask, size_free)
+from utils.kd.losses import (BOX_KD_KINDS, FEATURE_LOSSES, GENERATIVE, LOSS_WEIGHTS, NEEDS_ADAPTER, NEEDS_MASK,
+                             OUTPUT_KD_KINDS, SIZE_FREE_FROM_MAPS, gt_mask, size_free)
 from utils.kd.recorder import FeatureRecorder
 
 SCHEDULES = ("const", "cos")
@@ -65,6 +65,12 @@ class KDConfig:
         unknown = [f for f in self.feat_losses if f not in FEATURE_LOSSES]
         if unknown:
             raise ValueError(f"--feat_loss {' '.join(unknown)}: choose from {', '.join(FEATURE_LOSSES)} or none")
+        generative = [f for f in self.feat_losses if f in GENERATIVE]
+        other_adapted = [f for f in self.feat_losses if f in NEEDS_ADAPTER and f not in GENERATIVE]
+        if generative and other_adapted:
+            raise ValueError(f"--feat_loss {' '.join(self.feat_losses)}: {generative[0]} trains its own generator in "
+                             f"place of the 1x1 adapters that {', '.join(other_adapted)} need(s); combine "
+                             f"{generative[0]} with at or at_masked only")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--kd_schedule {self.schedule}: choose one of {', '.join(SCHEDULES)}")
 
@@ -119,7 +125,8 @@ class Distiller:
         channelwise = [channel_names is None or p.s_name in channel_names for p in self.pairs]
         needs_adapter = any(f in NEEDS_ADAPTER for f in cfg.feat_losses)
         self.adapters = build_adapters([p.s_channels for p in self.pairs], [p.t_channels for p in self.pairs],
-                                       needed=[needs_adapter and c for c in channelwise])
+                                       needed=[needs_adapter and c for c in channelwise],
+                                       generative=any(f in GENERATIVE for f in cfg.feat_losses))
         self.losses = [(name, FEATURE_LOSSES[name]) for name in cfg.feat_losses]
         # the pairs each loss compares (indices)
         self.loss_pairs = {name: [i for i, c in enumerate(channelwise) if c or name not in NEEDS_ADAPTER]
