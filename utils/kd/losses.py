@@ -508,7 +508,7 @@ def size_free(name, value, t, s=None):
 
     Args:
         name: a FEATURE_LOSSES key; value: the plain loss (scalar); t: the teacher features (bs, c_t, h, w);
-        s: the student features the loss compared with t (adapted: (bs, c_t, h, w)); needed for mimic.
+        s: the student features the loss compared with t (adapted: (bs, c_t, h, w)); needed for mimic and mgd.
 
     Returns:
         The normalised scalar.
@@ -517,7 +517,7 @@ def size_free(name, value, t, s=None):
         return value * (t.shape[2] * t.shape[3])
     if name == "ft":
         return value * t.shape[1]
-    if name in ("mimic", "mgd"):  # per image, so that DDP processes holding different images add up to the whole batch
+    if name in SIZE_FREE_FROM_MAPS:  # per image, so that DDP processes holding different images add up to the batch
         s, t = s.float(), t.detach().float()
         energy = (t.square().mean((1, 2, 3)) + s.detach().square().mean((1, 2, 3))).clamp(min=_TINY)  # (bs,)
         return ((s - t).square().mean((1, 2, 3)) / energy).mean()
