@@ -16,12 +16,15 @@ from utils.torch_utils import Precision, runs_channels_last
 KD_LOSS_NAMES = ("kd_box", "kd_obj", "kd_cls", "kd_feat")
 
 
-def load_teacher(weights, device: torch.device) -> nn.Module:
+def load_teacher(weights, device: torch.device, inherit_into: nn.Module | None = None) -> nn.Module:
     """The teacher as a float32 inference model on device: BatchNorm folded, eval mode, no gradients, and a Detect
     head that returns its raw maps without decoding boxes (``teacher(x)`` gives ``(None, maps)``).
 
     Accepts our checkpoints (plain or KD runs) and official YOLOv5 checkpoints. Stays float32 so that anchors and
     strides are compared exactly (check_teacher); ``teacher_precision`` then casts it for the run.
+
+    inherit_into: a student to start from the teacher's weights (utils.kd.inherit, --inherit), taken before the
+    teacher's BatchNorm layers are folded.
     """
     from pathlib import Path
 
@@ -31,6 +34,11 @@ def load_teacher(weights, device: torch.device) -> nn.Module:
         raise FileNotFoundError(f"--teacher_weight '{weights}' not found; train a teacher first "
                                 f"(python train.py --data ... --cfg models/yolov5m.yaml) and pass its best.pt")
     teacher = model_from_checkpoint(load_checkpoint(weights, map_location="cpu"))
+    if inherit_into is not None:
+        from utils.kd.inherit import inherit_weights
+
+        report = inherit_weights(inherit_into, teacher)
+        LOGGER.info(f"{colorstr('KD inherit: ')}student starts from {report.summary()}")
     teacher = teacher.fuse().eval().requires_grad_(False).to(device)
     teacher.model[-1].decode = False  # KD reads the raw maps only: skip building boxes every step
     return teacher
@@ -210,7 +218,11 @@ class DistillationTask(DetectionTask):
         The engine calls this before it scans any dataset, so a bad teacher stops the run at once."""
         opt = trainer.opt
         cfg = kd_config_from_opt(opt)
-        teacher = load_teacher(opt.teacher_weight, trainer.device)
+        inherit = bool(getattr(opt, "inherit", False)) and not opt.resume
+        if inherit and opt.weights:
+            raise ValueError(f"--inherit starts the student from the teacher's weights, --weights {opt.weights} from "
+                             f"a checkpoint: pass one of them")
+        teacher = load_teacher(opt.teacher_weight, trainer.device, inherit_into=model if inherit else None)
         index = teacher_class_index(trainer.names, teacher.names, cfg.class_map, opt.data)
         check_teacher(model, teacher)  # float32 anchors: compared and copied before any fp16 cast
         pairs = kd_pairs(model, teacher, cfg, imgsz=trainer.gs * 2)
