@@ -94,9 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KD weight schedule: constant, or cosine decay to 1%% by the last epoch")
     g.add_argument("--kd_stop_epoch", "--kd-stop-epoch", type=int, default=-1,
                    help="switch KD off from this epoch on (-1: never)")
-    g.add_argument("--inherit", action=argparse.BooleanOptionalAction, default=False,
-                   help="start the student from evenly spaced channels of the teacher's weights (weight selection; "
-                        "same layer graph, e.g. yolov5n from yolov5s) instead of a random initialisation")
+    g.add_argument("--inherit", action=argparse.BooleanOptionalAction, default=None,
+                   help="start the student from evenly spaced channels of the teacher's weights (weight selection) "
+                        "instead of a random initialisation. Default: on when the student trains from scratch "
+                        "(--weights '') and has the teacher's layer graph (e.g. yolov5n from yolov5s); --inherit "
+                        "insists (an error otherwise), --no-inherit starts from a random initialisation")
     g.add_argument("--class_map", "--class-map", type=str, default="",
                    help="YAML {dataset class name: teacher class name} when the teacher has other classes")
     g.add_argument("--isL", nargs="?", const=True, default=None, type=_bool_word,

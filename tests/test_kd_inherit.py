@@ -129,7 +129,8 @@ def test_another_layer_graph_is_refused():
     inherit_weights(Model(tiny_model_cfg(3, 0.125, base="yolov5s.yaml")), Model(tiny_model_cfg(3, 0.25)))
 
 
-def test_kd_run_starts_the_student_from_the_teacher(shapes_data, tiny_cfgs, teacher_ckpt, tmp_path):  # noqa: F811
+def _start_of_kd_run(shapes_data, cfg, teacher, tmp_path, **extra) -> dict:
+    """The student's weights right after DistillationTask.build, of a 1-epoch KD run."""
     seen = {}
     original = DistillationTask.build.__func__
 
@@ -140,15 +141,35 @@ def test_kd_run_starts_the_student_from_the_teacher(shapes_data, tiny_cfgs, teac
 
     DistillationTask.build = classmethod(spy)
     try:
-        train_kd.run(**kd_args(shapes_data, tiny_cfgs["student"], teacher_ckpt, tmp_path, inherit=True,
-                               feat_loss=["at"]))
+        train_kd.run(**kd_args(shapes_data, cfg, teacher, tmp_path, feat_loss=["at"], **extra))
     finally:
         DistillationTask.build = classmethod(original)
+    return seen["start"]
+
+
+@pytest.mark.parametrize("inherit", [True, None])  # None: the default, automatic
+def test_kd_run_starts_the_student_from_the_teacher(inherit, shapes_data, tiny_cfgs, teacher_ckpt,  # noqa: F811
+                                                    tmp_path):
+    start = _start_of_kd_run(shapes_data, tiny_cfgs["student"], teacher_ckpt, tmp_path, inherit=inherit)
     t = model_from_checkpoint(load_checkpoint(teacher_ckpt, map_location="cpu")).state_dict()
-    start = seen["start"]
     assert torch.equal(start["model.0.conv.weight"], t["model.0.conv.weight"][0::2])
     assert torch.equal(start["model.8.cv1.bn.running_mean"], t["model.8.cv1.bn.running_mean"][0::2])
     assert torch.equal(start["model.24.m.1.weight"], t["model.24.m.1.weight"][:, 0::2])
+
+
+def test_no_inherit_and_other_graphs_start_at_random(shapes_data, tiny_cfgs, teacher_ckpt, tmp_path,  # noqa: F811
+                                                     caplog):
+    t = model_from_checkpoint(load_checkpoint(teacher_ckpt, map_location="cpu")).state_dict()
+    start = _start_of_kd_run(shapes_data, tiny_cfgs["student"], teacher_ckpt, tmp_path, inherit=False)
+    assert not torch.equal(start["model.0.conv.weight"], t["model.0.conv.weight"][0::2])
+    # automatic: a student YAML with an attention block trains from its random initialisation, and says so
+    se = Model(tiny_model_cfg(10, 0.125, base="hub/yolov5l-SE.yaml"))
+    before = {k: v.clone() for k, v in se.state_dict().items()}
+    load_teacher(str(teacher_ckpt), torch.device("cpu"), inherit_into=se, inherit_required=False)
+    assert all(torch.equal(before[k], v) for k, v in se.state_dict().items())
+    assert "KD inherit: " in caplog.text and "layer 3 is ('SELayer'" in caplog.text
+    with pytest.raises(ValueError, match="--inherit needs"):
+        load_teacher(str(teacher_ckpt), torch.device("cpu"), inherit_into=se)
 
 
 def test_inherit_with_weights_is_refused(shapes_data, tiny_cfgs, teacher_ckpt, tmp_path):  # noqa: F811
@@ -163,5 +184,6 @@ def test_load_teacher_leaves_the_student_alone_without_inherit(teacher_ckpt):  #
     before = {k: v.clone() for k, v in student.state_dict().items()}
     load_teacher(str(teacher_ckpt), torch.device("cpu"))
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
-    assert train_kd.build_parser().parse_args([]).inherit is False
+    assert train_kd.build_parser().parse_args([]).inherit is None  # automatic
+    assert train_kd.build_parser().parse_args(["--no-inherit"]).inherit is False
     assert train_kd.build_parser().parse_args(["--inherit"]).inherit is True

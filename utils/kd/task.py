@@ -16,7 +16,8 @@ from utils.torch_utils import Precision, runs_channels_last
 KD_LOSS_NAMES = ("kd_box", "kd_obj", "kd_cls", "kd_feat")
 
 
-def load_teacher(weights, device: torch.device, inherit_into: nn.Module | None = None) -> nn.Module:
+def load_teacher(weights, device: torch.device, inherit_into: nn.Module | None = None,
+                 inherit_required: bool = True) -> nn.Module:
     """The teacher as a float32 inference model on device: BatchNorm folded, eval mode, no gradients, and a Detect
     head that returns its raw maps without decoding boxes (``teacher(x)`` gives ``(None, maps)``).
 
@@ -24,7 +25,8 @@ def load_teacher(weights, device: torch.device, inherit_into: nn.Module | None =
     strides are compared exactly (check_teacher); ``teacher_precision`` then casts it for the run.
 
     inherit_into: a student to start from the teacher's weights (utils.kd.inherit, --inherit), taken before the
-    teacher's BatchNorm layers are folded.
+    teacher's BatchNorm layers are folded. inherit_required False: a student of another layer graph keeps its own
+    weights (logged) instead of stopping the run.
     """
     from pathlib import Path
 
@@ -35,10 +37,18 @@ def load_teacher(weights, device: torch.device, inherit_into: nn.Module | None =
                                 f"(python train.py --data ... --cfg models/yolov5m.yaml) and pass its best.pt")
     teacher = model_from_checkpoint(load_checkpoint(weights, map_location="cpu"))
     if inherit_into is not None:
-        from utils.kd.inherit import inherit_weights
+        from utils.kd.inherit import check_same_graph, inherit_weights
 
-        report = inherit_weights(inherit_into, teacher)
-        LOGGER.info(f"{colorstr('KD inherit: ')}student starts from {report.summary()}")
+        try:
+            check_same_graph(inherit_into, teacher)
+        except ValueError as e:
+            if inherit_required:
+                raise
+            LOGGER.info(f"{colorstr('KD inherit: ')}off, the student keeps its random initialisation: "
+                        f"{str(e).split(', but ', 1)[-1].split(';')[0]}")
+        else:
+            report = inherit_weights(inherit_into, teacher)
+            LOGGER.info(f"{colorstr('KD inherit: ')}student starts from {report.summary()}")
     teacher = teacher.fuse().eval().requires_grad_(False).to(device)
     teacher.model[-1].decode = False  # KD reads the raw maps only: skip building boxes every step
     return teacher
@@ -218,11 +228,13 @@ class DistillationTask(DetectionTask):
         The engine calls this before it scans any dataset, so a bad teacher stops the run at once."""
         opt = trainer.opt
         cfg = kd_config_from_opt(opt)
-        inherit = bool(getattr(opt, "inherit", False)) and not opt.resume
-        if inherit and opt.weights:
+        wanted = getattr(opt, "inherit", None)  # None: automatic, True: insist, False: off
+        if wanted and opt.weights and not opt.resume:
             raise ValueError(f"--inherit starts the student from the teacher's weights, --weights {opt.weights} from "
                              f"a checkpoint: pass one of them")
-        teacher = load_teacher(opt.teacher_weight, trainer.device, inherit_into=model if inherit else None)
+        inherit = wanted is not False and not opt.weights and not opt.resume
+        teacher = load_teacher(opt.teacher_weight, trainer.device, inherit_into=model if inherit else None,
+                               inherit_required=bool(wanted))
         index = teacher_class_index(trainer.names, teacher.names, cfg.class_map, opt.data)
         check_teacher(model, teacher)  # float32 anchors: compared and copied before any fp16 cast
         pairs = kd_pairs(model, teacher, cfg, imgsz=trainer.gs * 2)
