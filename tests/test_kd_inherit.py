@@ -187,3 +187,19 @@ def test_load_teacher_leaves_the_student_alone_without_inherit(teacher_ckpt):  #
     assert train_kd.build_parser().parse_args([]).inherit is None  # automatic
     assert train_kd.build_parser().parse_args(["--no-inherit"]).inherit is False
     assert train_kd.build_parser().parse_args(["--inherit"]).inherit is True
+
+
+def test_student_inherits_from_an_official_v60_checkpoint():
+    """A yolov5n written by YOLOv5 v6.0's own code (tests/data/yolov5-v6.0) teaches a half-width student."""
+    from models.experimental import attempt_load
+    from tests.test_oracle import WEIGHTS
+
+    official = attempt_load(WEIGHTS, fuse=False).float().state_dict()
+    student = Model(tiny_model_cfg(10, 0.125))
+    load_teacher(str(WEIGHTS), torch.device("cpu"), inherit_into=student)
+    s = student.state_dict()
+    for name in ("model.0.conv.weight", "model.9.cv2.conv.weight", "model.23.m.0.cv1.bn.running_var"):
+        want = official[name][0::2]
+        want = want[:, 0::2] if want.dim() == 4 and want.shape[1] != 3 else want
+        assert torch.equal(s[name], want), name
+    assert torch.equal(s["model.24.m.2.weight"], official["model.24.m.2.weight"][:, 0::2])
