@@ -38,6 +38,9 @@ DEFAULT_BETA = 0.25
 # (0.1 mAP@.5 + 0.9 mAP@.5:.95) prefers it at both lengths, and the distilled boxes are as precise as the student's
 # alone (bench/box_quality.py) instead of less.
 DEFAULT_KD_BOX = "ciou"
+# --inherit is on by default (utils/kd/inherit.py): on the demo (bench/kd_table.py) output KD + attention transfer
+# from the teacher's selected weights closed 81% / 69% of the mAP@.5 / mAP@.5:.95 gap over 60 epochs (3 seeds) and 80%
+# / 70% over 120 (8 seeds), against 37% / 28% and 56% / 45% from a random start.
 # --evolve also evolves the KD weights: flag -> (mutation scale, lower limit, upper limit), as utils/evolve.META
 KD_EVOLVE_META = {"alpha": (1, 0.0, 10.0), "beta": (1, 0.0, 10.0), "temperature": (1, 1.0, 40.0)}
 
