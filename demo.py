@@ -27,15 +27,13 @@ from utils.general import LOGGER, colorstr, set_logging  # noqa: E402
 
 # The default recipe, chosen on the bundled data only. The teacher is the one shipped in weights/ (yolov5s, 300
 # epochs at 128 px: mAP@.5 0.848, mAP@.5:.95 0.696). `python demo.py` on an idle 2-core CPU with native bf16 (bf16
-# autocast chosen automatically; a fresh clone, so the dataset was generated first) took 13 min 14 s and printed,
-# for best.pt scored in float32 (mAP@.5 / mAP@.5:.95): yolov5n 60 epochs alone 0.206 / 0.133; with KD (output KD
-# at alpha 0.1: l2 on objectness and classes, train_kd.py's default 1 - CIoU box term with hyp.demo.yaml's giou
-# 0.5; + attention transfer, beta 0.25) 0.437 / 0.280: 36% / 26% of the teacher-student gap. The same recipe with
-# one thread per run (bench/kd_table.py cells; the thread count changes the run): alone 0.246 / 0.163,
-# 0.235 / 0.153, 0.225 / 0.146 for seeds 0, 1, 2, with KD 0.480 / 0.312, 0.447 / 0.296, 0.450 / 0.302. Every KD
-# run beat every run alone by at least 0.19 / 0.12 (README.md, Quick start). On an idle 2-core AVX2 CPU without
-# bf16 (float32, channels_last, training images cached in RAM) it took 18 min 47 s: alone 0.227 / 0.152, with KD
-# 0.395 / 0.260 (27% / 20%).
+# autocast chosen automatically; a fresh clone, so the dataset was generated first) took 7 min 45 s and printed,
+# for best.pt scored in float32 (mAP@.5 / mAP@.5:.95): yolov5n 60 epochs alone 0.214 / 0.144; with KD (the student
+# starting from the teacher's selected weights, train_kd.py's default --inherit; output KD at alpha 0.1: l2 on
+# objectness and classes, the 1 - CIoU box term with hyp.demo.yaml's giou 0.5; + attention transfer, beta 0.25)
+# 0.735 / 0.530: 82% / 70% of the teacher-student gap. Seeds 1 and 2 (one thread each): alone 0.236 / 0.154 and
+# 0.264 / 0.181, with KD 0.733 / 0.531 and 0.735 / 0.530 (README.md, Quick start). From a random start
+# (--no-inherit) the same recipe closed 35-39% / 26-28% (bench/kd_table.py cells, seeds 0-2).
 RECIPE = dict(
     data="data/shapes.yaml", hyp="data/hyps/hyp.demo.yaml", optimizer="Adam", imgsz=128, batch_size=16,
     teacher_cfg="models/yolov5s.yaml", student_cfg="models/yolov5n.yaml", teacher_epochs=300, student_epochs=60,
