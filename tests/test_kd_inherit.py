@@ -56,15 +56,10 @@ def _widen(small: Model, wide: Model) -> Model:
         if w.shape == s.shape:
             new[name] = s.clone()
             continue
-        out = torch.zeros_like(w)
-        rows = torch.arange(w.shape[0]) // (w.shape[0] // s.shape[0]) if w.shape[0] != s.shape[0] else \
-            torch.arange(w.shape[0])
-        src = s[rows]
-        if w.dim() == 4 and w.shape[1] != s.shape[1]:
-            out[:, 0::2] = src
-        else:
-            out = src
-        new[name] = out
+        src = s[torch.arange(w.shape[0]) // (w.shape[0] // s.shape[0])]  # rows: copies of the small model's
+        if w.dim() == 4 and w.shape[1] != s.shape[1]:  # inputs: the even ones read, the odd ones zero
+            src = torch.zeros_like(w).index_copy_(1, torch.arange(0, w.shape[1], 2), src)
+        new[name] = src
     wide.load_state_dict(new)
     return wide.eval()
 

@@ -63,21 +63,26 @@ def _detect_output_names(model: nn.Module) -> set:
     return {f"{prefix}{i}.{p}" for i in range(det.nl) for p in ("weight", "bias")}
 
 
-def check_same_graph(student: nn.Module, teacher: nn.Module) -> None:
-    """Raise unless both models have the same layers in the same order (layer i of the same type, from the same
-    inputs), the condition for a tensor name to mean the same thing in both."""
+def graph_mismatch(student: nn.Module, teacher: nn.Module) -> str:
+    """'' when both models have the same layers in the same order (layer i of the same type, from the same inputs),
+    the condition for a tensor name to mean the same thing in both; else where they first differ."""
     s_layers = [(type(m).__name__, m.f) for m in student.model]
     t_layers = [(type(m).__name__, m.f) for m in teacher.model]
     for i, (s, t) in enumerate(zip(s_layers, t_layers)):
         if s != t:
-            break
-    else:
-        if len(s_layers) == len(t_layers):
-            return
-        i, s, t = min(len(s_layers), len(t_layers)), None, None
-    raise ValueError(f"--inherit needs the teacher's layer graph, but layer {i} is {s} in the student and {t} in the "
-                     f"teacher (type, inputs); use a student YAML that differs from the teacher's only in "
-                     f"depth_multiple/width_multiple (e.g. yolov5n.yaml for a yolov5s teacher), or drop --inherit")
+            return f"layer {i} is {s} in the student and {t} in the teacher (type, inputs)"
+    if len(s_layers) != len(t_layers):
+        return f"the student has {len(s_layers)} layers and the teacher {len(t_layers)}"
+    return ""
+
+
+def check_same_graph(student: nn.Module, teacher: nn.Module) -> None:
+    """Raise unless both models have the same layer graph (graph_mismatch)."""
+    mismatch = graph_mismatch(student, teacher)
+    if mismatch:
+        raise ValueError(f"--inherit needs the teacher's layer graph, but {mismatch}; use a student YAML that differs "
+                         f"from the teacher's only in depth_multiple/width_multiple (e.g. yolov5n.yaml for a yolov5s "
+                         f"teacher), or drop --inherit")
 
 
 def inherit_weights(student: nn.Module, teacher: nn.Module) -> Inherited:

@@ -37,16 +37,12 @@ def load_teacher(weights, device: torch.device, inherit_into: nn.Module | None =
                                 f"(python train.py --data ... --cfg models/yolov5m.yaml) and pass its best.pt")
     teacher = model_from_checkpoint(load_checkpoint(weights, map_location="cpu"))
     if inherit_into is not None:
-        from utils.kd.inherit import check_same_graph, inherit_weights
+        from utils.kd.inherit import graph_mismatch, inherit_weights
 
-        try:
-            check_same_graph(inherit_into, teacher)
-        except ValueError as e:
-            if inherit_required:
-                raise
-            LOGGER.info(f"{colorstr('KD inherit: ')}off, the student keeps its random initialisation: "
-                        f"{str(e).split(', but ', 1)[-1].split(';')[0]}")
-        else:
+        mismatch = graph_mismatch(inherit_into, teacher)
+        if mismatch and not inherit_required:
+            LOGGER.info(f"{colorstr('KD inherit: ')}off, the student keeps its random initialisation: {mismatch}")
+        else:  # inherit_weights raises on a mismatch
             report = inherit_weights(inherit_into, teacher)
             LOGGER.info(f"{colorstr('KD inherit: ')}student starts from {report.summary()}")
     teacher = teacher.fuse().eval().requires_grad_(False).to(device)
